@@ -1,0 +1,1 @@
+//! Examples for tower-quota: see `examples/`. This library is empty on purpose.

@@ -1,0 +1,1 @@
+//! Integration tests for tower-quota: whole stacks against the simulator. The tests live in `tests/`.
