@@ -328,9 +328,9 @@ impl<'a> Raw<'a> {
             };
             let slot = &mut self.anthropic[b.index()];
             match field {
-                "limit" => slot.limit = parse::uint(value),
-                "remaining" => slot.remaining = parse::uint(value),
-                "reset" => slot.reset = parse::rfc3339(value).map(Reset::At),
+                "limit" => keep(&mut slot.limit, parse::uint(value)),
+                "remaining" => keep(&mut slot.remaining, parse::uint(value)),
+                "reset" => keep(&mut slot.reset, parse::rfc3339(value).map(Reset::At)),
                 _ => {}
             }
             return;
@@ -342,25 +342,32 @@ impl<'a> Raw<'a> {
                 _ => None,
             };
             match rest {
-                "limit" => self.generic.limit = parse::uint(value),
-                "remaining" => self.generic.remaining = parse::uint(value),
-                "reset" => self.generic.reset = generic_reset(value),
+                "limit" => keep(&mut self.generic.limit, parse::uint(value)),
+                "remaining" => keep(&mut self.generic.remaining, parse::uint(value)),
+                "reset" => keep(&mut self.generic.reset, generic_reset(value)),
                 _ => {
                     if let Some(b) = rest.strip_prefix("limit-").and_then(openai) {
-                        self.openai[b.index()].limit = parse::uint(value);
+                        keep(&mut self.openai[b.index()].limit, parse::uint(value));
                     } else if let Some(b) = rest.strip_prefix("remaining-").and_then(openai) {
-                        self.openai[b.index()].remaining = parse::uint(value);
+                        keep(&mut self.openai[b.index()].remaining, parse::uint(value));
                     } else if let Some(b) = rest.strip_prefix("reset-").and_then(openai) {
-                        self.openai[b.index()].reset = parse::go_duration(value).map(Reset::In);
+                        keep(
+                            &mut self.openai[b.index()].reset,
+                            parse::go_duration(value).map(Reset::In),
+                        );
                     }
                 }
             }
             return;
         }
         match name {
-            "retry-after" => self.retry_after = Some(value),
-            "retry-after-ms" => self.retry_after_ms = parse::millis(value),
-            "x-should-retry" => self.should_retry = parse::boolean(value),
+            "retry-after" => {
+                if parse::delta_seconds(value).is_some() || parse::http_date(value).is_some() {
+                    self.retry_after = Some(value);
+                }
+            }
+            "retry-after-ms" => keep(&mut self.retry_after_ms, parse::millis(value)),
+            "x-should-retry" => keep(&mut self.should_retry, parse::boolean(value)),
             "date" => self.date = Some(value),
             "ratelimit" => self.ietf_limit = Some(value),
             "ratelimit-policy" => self.ietf_policy = Some(value),
@@ -432,6 +439,14 @@ impl<'a> Raw<'a> {
             should_retry: self.should_retry,
             buckets,
         }
+    }
+}
+
+/// Stores a parsed value; a value that did not parse never erases one that did (a server that sends
+/// a header twice, once garbled, keeps its good value).
+fn keep<T>(slot: &mut Option<T>, parsed: Option<T>) {
+    if parsed.is_some() {
+        *slot = parsed;
     }
 }
 

@@ -1,0 +1,84 @@
+//! The simulator as a real HTTP/1.1 server on a port.
+
+use crate::Simulator;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use std::io;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    sim: Simulator,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://{addr}`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The simulator behind it (for its audit).
+    pub fn simulator(&self) -> &Simulator {
+        &self.sim
+    }
+
+    /// Stops accepting connections, closes the open ones and waits for the accept loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Serves `sim` on `addr` (port 0 picks a free port) until [`ServerHandle::shutdown`].
+///
+/// Every connection is HTTP/1.1 with keep-alive. A simulated connection reset makes the service
+/// fail, and hyper then closes the connection without a response, as a reset looks to a client.
+pub async fn serve(sim: Simulator, addr: SocketAddr) -> io::Result<ServerHandle> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let service = sim.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(_) => continue,
+                },
+                _ = stopped.changed() => break,
+            };
+            let svc = TowerToHyperService::new(service.clone());
+            let mut stop_conn = stopped.clone();
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop_conn.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(ServerHandle {
+        addr,
+        sim,
+        stop,
+        task,
+    })
+}
