@@ -65,7 +65,11 @@ fn text_chars(v: &Value) -> u64 {
 /// The simulator's deterministic input-token count: one token per 4 characters of text (rounded
 /// up), plus 4 per message and 3 for the request (the framing real tokenizers add).
 pub fn input_tokens(req: &MessagesRequest) -> u64 {
-    let chars: u64 = req.messages.iter().map(|m| text_chars(&m.content)).sum::<u64>()
+    let chars: u64 = req
+        .messages
+        .iter()
+        .map(|m| text_chars(&m.content))
+        .sum::<u64>()
         + req.system.as_ref().map_or(0, text_chars);
     chars.div_ceil(4) + 4 * req.messages.len() as u64 + 3
 }
@@ -77,7 +81,10 @@ pub(crate) fn error_body(kind: &str, message: &str) -> Value {
 
 /// The text of an answer of `output_tokens` tokens (one short word a token, at most 64 shown).
 fn answer_text(output_tokens: u64) -> String {
-    "ok ".repeat(output_tokens.min(64) as usize).trim_end().to_owned()
+    "ok "
+        .repeat(output_tokens.min(64) as usize)
+        .trim_end()
+        .to_owned()
 }
 
 pub(crate) fn stop_reason(output_tokens: u64, max_tokens: u64) -> &'static str {

@@ -127,11 +127,8 @@ pub struct SimConfig {
 impl fmt::Debug for SimConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Keys are secrets: show their fingerprints only.
-        let keys: Vec<(String, &Limits)> = self
-            .keys
-            .iter()
-            .map(|(k, l)| (fingerprint(k), l))
-            .collect();
+        let keys: Vec<(String, &Limits)> =
+            self.keys.iter().map(|(k, l)| (fingerprint(k), l)).collect();
         f.debug_struct("SimConfig")
             .field("limits", &self.limits)
             .field("keys", &keys)

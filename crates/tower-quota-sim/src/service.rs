@@ -180,7 +180,12 @@ impl Simulator {
             }
         }
         let key = api_key(req.headers());
-        let bytes = req.into_body().collect().await.map_err(Into::into)?.to_bytes();
+        let bytes = req
+            .into_body()
+            .collect()
+            .await
+            .map_err(Into::into)?
+            .to_bytes();
         let parsed = serde_json::from_slice::<MessagesRequest>(&bytes);
         let decision = self.decide(arrival, key, parsed);
         self.finish(decision).await
@@ -245,11 +250,11 @@ impl Simulator {
         };
         let error_latency = self.error_latency();
         let reply = |record: AuditRecord,
-                         audit: &mut Vec<AuditRecord>,
-                         status: u16,
-                         kind: &str,
-                         msg: &str,
-                         headers: HeaderMap| {
+                     audit: &mut Vec<AuditRecord>,
+                     status: u16,
+                     kind: &str,
+                     msg: &str,
+                     headers: HeaderMap| {
             audit.push(record);
             Decision::Reply {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -263,21 +268,42 @@ impl Simulator {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!("invalid JSON body: {e}");
-                return reply(record, &mut st.audit, 400, "invalid_request_error", &msg, HeaderMap::new());
+                return reply(
+                    record,
+                    &mut st.audit,
+                    400,
+                    "invalid_request_error",
+                    &msg,
+                    HeaderMap::new(),
+                );
             }
         };
         let faults = cfg.faults;
         let mut draw = |p: f64| p > 0.0 && st.rng.random::<f64>() < p;
         if draw(faults.server_error) {
             record.outcome = AuditOutcome::ServerError;
-            return reply(record, &mut st.audit, 500, "api_error", "Internal server error", HeaderMap::new());
+            return reply(
+                record,
+                &mut st.audit,
+                500,
+                "api_error",
+                "Internal server error",
+                HeaderMap::new(),
+            );
         }
         let over_cap = cfg
             .max_concurrency
             .is_some_and(|cap| self.in_flight() >= cap);
         if draw(faults.overload) || over_cap {
             record.outcome = AuditOutcome::Overloaded;
-            return reply(record, &mut st.audit, 529, "overloaded_error", "Overloaded", HeaderMap::new());
+            return reply(
+                record,
+                &mut st.audit,
+                529,
+                "overloaded_error",
+                "Overloaded",
+                HeaderMap::new(),
+            );
         }
         let slow = draw(faults.slow);
         let reset = draw(faults.reset);
@@ -289,7 +315,14 @@ impl Simulator {
                 "prompt is too long: {input} tokens > {} maximum",
                 cfg.context_window
             );
-            return reply(record, &mut st.audit, 400, "invalid_request_error", &msg, HeaderMap::new());
+            return reply(
+                record,
+                &mut st.audit,
+                400,
+                "invalid_request_error",
+                &msg,
+                HeaderMap::new(),
+            );
         }
         let needs = [
             ("requests", ks.rpm.as_mut(), 1.0),
@@ -307,7 +340,14 @@ impl Simulator {
                         "request needs {need} {name} but the {name} per minute limit is {}",
                         bucket.capacity()
                     );
-                    return reply(record, &mut st.audit, 400, "invalid_request_error", &msg, HeaderMap::new());
+                    return reply(
+                        record,
+                        &mut st.audit,
+                        400,
+                        "invalid_request_error",
+                        &msg,
+                        HeaderMap::new(),
+                    );
                 }
             }
         }
@@ -350,8 +390,10 @@ impl Simulator {
         record.output_tokens = output;
         st.audit.push(record);
         st.next_id += 1;
-        let mut latency =
-            cfg.base_latency + cfg.per_output_token.saturating_mul(output.min(u32::MAX as u64) as u32);
+        let mut latency = cfg.base_latency
+            + cfg
+                .per_output_token
+                .saturating_mul(output.min(u32::MAX as u64) as u32);
         if slow {
             latency += faults.slow_delay;
         }
@@ -369,7 +411,12 @@ impl Simulator {
         }))
     }
 
-    fn json(&self, status: StatusCode, body: &serde_json::Value, headers: HeaderMap) -> Response<SimBody> {
+    fn json(
+        &self,
+        status: StatusCode,
+        body: &serde_json::Value,
+        headers: HeaderMap,
+    ) -> Response<SimBody> {
         let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
         self.response(status, "application/json", headers, SimBody::full(bytes))
     }
@@ -563,9 +610,18 @@ fn limit_headers(ks: &mut KeyState, now: Instant, wall: SystemTime, dialect: Dia
             };
             for (name, bucket) in [("requests", ks.rpm.as_mut()), ("tokens", tokens)] {
                 let Some(b) = bucket else { continue };
-                put(format!("x-ratelimit-limit-{name}"), b.limit_per_minute().to_string());
-                put(format!("x-ratelimit-remaining-{name}"), remaining(b).to_string());
-                put(format!("x-ratelimit-reset-{name}"), go_duration(b.until_full(now)));
+                put(
+                    format!("x-ratelimit-limit-{name}"),
+                    b.limit_per_minute().to_string(),
+                );
+                put(
+                    format!("x-ratelimit-remaining-{name}"),
+                    remaining(b).to_string(),
+                );
+                put(
+                    format!("x-ratelimit-reset-{name}"),
+                    go_duration(b.until_full(now)),
+                );
             }
         }
         Dialect::Ietf => {

@@ -40,7 +40,8 @@ fn rpm_only(rpm: u64) -> Limits {
 
 #[tokio::test(start_paused = true)]
 async fn burst_against_60_rpm_admits_the_capacity_then_429_with_a_correct_retry_after() {
-    let sim = Simulator::new(SimConfig::new(rpm_only(60)).with_latency(Duration::ZERO, Duration::ZERO));
+    let sim =
+        Simulator::new(SimConfig::new(rpm_only(60)).with_latency(Duration::ZERO, Duration::ZERO));
     let mut statuses = Vec::new();
     let mut last = None;
     for _ in 0..100 {
@@ -67,7 +68,10 @@ async fn burst_against_60_rpm_admits_the_capacity_then_429_with_a_correct_retry_
     advance(Duration::from_secs(1)).await;
     assert_eq!(send(&sim, "k", 10).await.status(), StatusCode::OK);
     // And then the bucket is empty again.
-    assert_eq!(send(&sim, "k", 10).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&sim, "k", 10).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 
     let s = sim.summary();
     assert_eq!(s.total.requests, 102);
@@ -126,12 +130,21 @@ async fn input_tokens_are_charged_from_the_content() {
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let v = DefaultClassifier.classify_response(res.status(), res.headers());
     assert_eq!((v.outcome, v.retryable), (Outcome::Fatal, false));
-    assert!(json(res).await["error"]["message"].as_str().unwrap().contains("input tokens"));
+    assert!(
+        json(res).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("input tokens")
+    );
     // 160 characters: 40 + 7 = 47 tokens; two fit in 100, the third waits.
     let body = MessagesRequest::user("m", "x".repeat(160), 10).to_bytes();
     let mut codes = Vec::new();
     for _ in 0..3 {
-        let res = sim.clone().oneshot(request(Some("k"), body.clone())).await.unwrap();
+        let res = sim
+            .clone()
+            .oneshot(request(Some("k"), body.clone()))
+            .await
+            .unwrap();
         codes.push(res.status().as_u16());
     }
     assert_eq!(codes, [200, 200, 429]);
@@ -146,7 +159,9 @@ async fn every_retry_after_style_announces_an_instant_that_is_never_early() {
         RetryAfterStyle::HttpDate,
     ] {
         let sim = Simulator::new(
-            SimConfig::new(rpm_only(30)).with_retry_after(style).with_latency(Duration::ZERO, Duration::ZERO),
+            SimConfig::new(rpm_only(30))
+                .with_retry_after(style)
+                .with_latency(Duration::ZERO, Duration::ZERO),
         );
         for _ in 0..30 {
             assert_eq!(send(&sim, "k", 1).await.status(), 200);
@@ -167,8 +182,14 @@ async fn every_retry_after_style_announces_an_instant_that_is_never_early() {
         assert_eq!(hint.source, expected);
         // The true wait is 1.5 s; the announcement rounds up (ms exactly, seconds to 2 s, a date to
         // the next whole second, measured from a Date header truncated to the second).
-        assert!(hint.delay >= Duration::from_millis(1500), "{style:?}: {hint:?}");
-        assert!(hint.delay <= Duration::from_millis(3000), "{style:?}: {hint:?}");
+        assert!(
+            hint.delay >= Duration::from_millis(1500),
+            "{style:?}: {hint:?}"
+        );
+        assert!(
+            hint.delay <= Duration::from_millis(3000),
+            "{style:?}: {hint:?}"
+        );
         let at = signals.retry_at().unwrap();
         tokio::time::sleep_until(at).await;
         assert_eq!(send(&sim, "k", 1).await.status(), 200, "{style:?}");
@@ -213,12 +234,21 @@ async fn early_arrivals_are_counted_after_the_grace() {
     assert_eq!(send(&sim, "a", 1).await.status(), 200); // the cooldown is over
     let audit = sim.audit();
     let early: Vec<bool> = audit.iter().map(|r| r.early).collect();
-    assert_eq!(early, [false, false, false, false, false, false, false, false, true, false, false]);
+    assert_eq!(
+        early,
+        [
+            false, false, false, false, false, false, false, false, true, false, false
+        ]
+    );
     let s = sim.summary();
     assert_eq!(s.total.early_arrivals, 1);
     assert_eq!(s.keys.len(), 2);
     // The audit names keys by fingerprint only.
-    assert!(audit.iter().all(|r| r.key.starts_with("key-") && r.key.len() == 12));
+    assert!(
+        audit
+            .iter()
+            .all(|r| r.key.starts_with("key-") && r.key.len() == 12)
+    );
     assert!(!format!("{sim:?}").contains("\"a\""));
 }
 
@@ -233,7 +263,10 @@ async fn openai_and_ietf_dialects_are_read_by_the_signals_parser() {
         assert_eq!(s.bucket(Bucket::Requests).remaining, Some(0), "{dialect:?}");
         assert_eq!(s.bucket(Bucket::Requests).limit, Some(2), "{dialect:?}");
         let reset = s.bucket(Bucket::Requests).reset.unwrap();
-        assert!(reset >= Duration::from_secs(30) && reset <= Duration::from_secs(60), "{dialect:?} {reset:?}");
+        assert!(
+            reset >= Duration::from_secs(30) && reset <= Duration::from_secs(60),
+            "{dialect:?} {reset:?}"
+        );
     }
     let sim = Simulator::new(SimConfig::new(rpm_only(2)).with_dialect(Dialect::Openai));
     let res = send(&sim, "k", 1).await;
@@ -243,17 +276,30 @@ async fn openai_and_ietf_dialects_are_read_by_the_signals_parser() {
 #[tokio::test(start_paused = true)]
 async fn faults_overload_server_error_and_reset() {
     let cfg = |faults| SimConfig::new(Limits::unlimited()).with_faults(faults);
-    let sim = Simulator::new(cfg(Faults { overload: 1.0, ..Faults::default() }));
+    let sim = Simulator::new(cfg(Faults {
+        overload: 1.0,
+        ..Faults::default()
+    }));
     let res = send(&sim, "k", 1).await;
     assert_eq!(res.status().as_u16(), 529);
     assert_eq!(json(res).await["error"]["type"], "overloaded_error");
 
-    let sim = Simulator::new(cfg(Faults { server_error: 1.0, ..Faults::default() }));
+    let sim = Simulator::new(cfg(Faults {
+        server_error: 1.0,
+        ..Faults::default()
+    }));
     assert_eq!(send(&sim, "k", 1).await.status(), 500);
 
-    let sim = Simulator::new(cfg(Faults { reset: 1.0, ..Faults::default() }));
+    let sim = Simulator::new(cfg(Faults {
+        reset: 1.0,
+        ..Faults::default()
+    }));
     let body = MessagesRequest::user("m", "hi", 5).to_bytes();
-    let err = sim.clone().oneshot(request(Some("k"), body)).await.unwrap_err();
+    let err = sim
+        .clone()
+        .oneshot(request(Some("k"), body))
+        .await
+        .unwrap_err();
     let v = DefaultClassifier.classify_error(&*err);
     assert_eq!(v.outcome, Outcome::Transport(TransportKind::Reset));
     assert_eq!(sim.summary().total.resets, 1);
@@ -262,7 +308,11 @@ async fn faults_overload_server_error_and_reset() {
     // Probabilities are drawn from the seed: the same seed gives the same outcomes.
     let outcomes = |seed| async move {
         let sim = Simulator::new(
-            cfg(Faults { overload: 0.3, ..Faults::default() }).with_seed(seed),
+            cfg(Faults {
+                overload: 0.3,
+                ..Faults::default()
+            })
+            .with_seed(seed),
         );
         let mut v = Vec::new();
         for _ in 0..50 {
@@ -295,7 +345,13 @@ async fn garbage_headers_do_not_hide_the_good_ones() {
         ..Faults::default()
     }));
     let mut res = send(&sim, "k", 1).await;
-    assert_eq!(res.headers().get_all("anthropic-ratelimit-requests-remaining").iter().count(), 2);
+    assert_eq!(
+        res.headers()
+            .get_all("anthropic-ratelimit-requests-remaining")
+            .iter()
+            .count(),
+        2
+    );
     let s = Signals::of(&mut res);
     assert_eq!(s.bucket(Bucket::Requests).remaining, Some(9));
     assert!(s.retry_after().is_none());
@@ -310,21 +366,37 @@ async fn bad_requests() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    let res = sim.clone().oneshot(request(Some("k"), Bytes::from_static(b"{nope"))).await.unwrap();
+    let res = sim
+        .clone()
+        .oneshot(request(Some("k"), Bytes::from_static(b"{nope")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let mut cfg = SimConfig::new(Limits::unlimited());
     cfg.context_window = 10;
     let sim2 = Simulator::new(cfg);
     let res = sim2
         .clone()
-        .oneshot(request(Some("k"), MessagesRequest::user("m", "x".repeat(100), 1).to_bytes()))
+        .oneshot(request(
+            Some("k"),
+            MessagesRequest::user("m", "x".repeat(100), 1).to_bytes(),
+        ))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    assert!(json(res).await["error"]["message"].as_str().unwrap().contains("prompt is too long"));
+    assert!(
+        json(res).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("prompt is too long")
+    );
     let res = sim
         .clone()
-        .oneshot(Request::get("/elsewhere").body(Full::new(Bytes::new())).unwrap())
+        .oneshot(
+            Request::get("/elsewhere")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
@@ -333,7 +405,11 @@ async fn bad_requests() {
     assert_eq!(s.total.requests, 3);
     assert_eq!(
         sim.audit().iter().map(|r| r.outcome).collect::<Vec<_>>(),
-        [AuditOutcome::Unauthorized, AuditOutcome::BadRequest, AuditOutcome::NotFound]
+        [
+            AuditOutcome::Unauthorized,
+            AuditOutcome::BadRequest,
+            AuditOutcome::NotFound
+        ]
     );
 }
 
@@ -357,7 +433,15 @@ async fn streams_pace_their_events_and_hold_their_slot_until_the_end() {
     assert_eq!(t.elapsed(), Duration::from_millis(100));
     assert_eq!(sim.in_flight(), 1);
     // While it streams, the server's concurrency cap of 1 answers 529.
-    assert_eq!(sim.clone().oneshot(stream_request(10)).await.unwrap().status().as_u16(), 529);
+    assert_eq!(
+        sim.clone()
+            .oneshot(stream_request(10))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        529
+    );
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
     // 100 ms to the headers, the 529's 25 ms (errors take a quarter of the base latency) before the
     // body was polled, then 100 output tokens at 16 ms each in 16 deltas of 100 ms.
@@ -366,7 +450,10 @@ async fn streams_pace_their_events_and_hold_their_slot_until_the_end() {
     let text = std::str::from_utf8(&bytes).unwrap();
     assert!(text.starts_with("event: message_start\n"));
     assert!(text.contains("\"output_tokens\":100"));
-    assert!(text.trim_end().ends_with("data: {\"type\":\"message_stop\"}"));
+    assert!(
+        text.trim_end()
+            .ends_with("data: {\"type\":\"message_stop\"}")
+    );
 
     // Dropping a stream mid-way returns the slot too.
     let res = sim.clone().oneshot(stream_request(100)).await.unwrap();
@@ -413,7 +500,11 @@ async fn the_audit_endpoint_answers_the_summary() {
     send(&sim, "k", 10).await;
     let res = sim
         .clone()
-        .oneshot(Request::get("/__audit").body(Full::new(Bytes::new())).unwrap())
+        .oneshot(
+            Request::get("/__audit")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let v = json(res).await;

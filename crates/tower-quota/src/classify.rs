@@ -292,7 +292,8 @@ mod tests {
             // Found through the source chain too.
             assert_eq!(c.classify_error(&wrapped).outcome, outcome);
         }
-        let boxed: Box<dyn StdError + Send + Sync> = Box::new(tower::timeout::error::Elapsed::new());
+        let boxed: Box<dyn StdError + Send + Sync> =
+            Box::new(tower::timeout::error::Elapsed::new());
         let v = c.classify_error(&*boxed);
         assert_eq!(v.outcome, Outcome::Transport(TransportKind::Timeout));
         assert!(v.retryable);

@@ -10,7 +10,10 @@ use std::time::Duration;
 use tower_quota_sim::{Dialect, Faults, Limits, RetryAfterStyle, SimConfig, Simulator};
 
 #[derive(Parser)]
-#[command(version, about = "A simulated rate-limited, Anthropic-Messages-shaped API")]
+#[command(
+    version,
+    about = "A simulated rate-limited, Anthropic-Messages-shaped API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

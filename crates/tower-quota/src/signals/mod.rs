@@ -361,10 +361,10 @@ impl<'a> Raw<'a> {
             return;
         }
         match name {
-            "retry-after" => {
-                if parse::delta_seconds(value).is_some() || parse::http_date(value).is_some() {
-                    self.retry_after = Some(value);
-                }
+            "retry-after"
+                if parse::delta_seconds(value).is_some() || parse::http_date(value).is_some() =>
+            {
+                self.retry_after = Some(value);
             }
             "retry-after-ms" => keep(&mut self.retry_after_ms, parse::millis(value)),
             "x-should-retry" => keep(&mut self.should_retry, parse::boolean(value)),
@@ -388,10 +388,15 @@ impl<'a> Raw<'a> {
 
     fn finish(self, ctx: &ParseContext) -> Signals {
         // Dates are measured against the server's own clock when it sent one.
-        let reference = self.date.and_then(parse::http_date).unwrap_or(ctx.wall);
+        // Parsed only when some value is a date.
+        let reference = std::cell::OnceCell::new();
         let resolve = |r: Reset| match r {
             Reset::In(d) => d,
-            Reset::At(t) => t.duration_since(reference).unwrap_or(Duration::ZERO),
+            Reset::At(t) => {
+                let now = reference
+                    .get_or_init(|| self.date.and_then(parse::http_date).unwrap_or(ctx.wall));
+                t.duration_since(*now).unwrap_or(Duration::ZERO)
+            }
         };
 
         let retry_after = if let Some(delay) = self.retry_after_ms {
@@ -486,7 +491,9 @@ fn ietf(limit: &str, policy: Option<&str>) -> Option<RawBucket> {
         .unwrap_or_default();
     let quota_of = |n: &Option<String>| -> (Option<u64>, bool) {
         for entry in &policies {
-            let ListEntry::Item(item) = entry else { continue };
+            let ListEntry::Item(item) = entry else {
+                continue;
+            };
             if name(item) != *n {
                 continue;
             }
@@ -495,9 +502,7 @@ fn ietf(limit: &str, policy: Option<&str>) -> Option<RawBucket> {
             for (k, v) in &item.params {
                 match k.as_str() {
                     "q" => q = int(v),
-                    "qu" => {
-                        requests = matches!(v, BareItem::String(s) if s.as_str() == "requests")
-                    }
+                    "qu" => requests = matches!(v, BareItem::String(s) if s.as_str() == "requests"),
                     _ => {}
                 }
             }
@@ -509,7 +514,9 @@ fn ietf(limit: &str, policy: Option<&str>) -> Option<RawBucket> {
     let limits: List = Parser::new(limit).parse().ok()?;
     let mut best: Option<RawBucket> = None;
     for entry in &limits {
-        let ListEntry::Item(item) = entry else { continue };
+        let ListEntry::Item(item) = entry else {
+            continue;
+        };
         let (mut r, mut t) = (None, None);
         for (k, v) in &item.params {
             match k.as_str() {

@@ -184,7 +184,10 @@ mod tests {
         assert_eq!(go_duration("12ms"), Some(Duration::from_millis(12)));
         assert_eq!(go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(go_duration("6m0s"), Some(Duration::from_secs(360)));
-        assert_eq!(go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
         assert_eq!(go_duration("250us"), Some(Duration::from_micros(250)));
         assert_eq!(go_duration("250µs"), Some(Duration::from_micros(250)));
         assert_eq!(go_duration("0"), Some(Duration::ZERO));

@@ -124,7 +124,11 @@ fn malformed_values_are_ignored() {
         "Sun, 32 Nov 1994 08:49:37 GMT",
     ] {
         assert_eq!(hint(&[("retry-after", bad)]), None, "retry-after {bad:?}");
-        assert_eq!(hint(&[("retry-after-ms", bad)]), None, "retry-after-ms {bad:?}");
+        assert_eq!(
+            hint(&[("retry-after-ms", bad)]),
+            None,
+            "retry-after-ms {bad:?}"
+        );
         let s = parse(&[
             ("anthropic-ratelimit-requests-remaining", bad),
             ("x-ratelimit-reset-tokens", bad),
@@ -160,8 +164,14 @@ fn huge_but_valid_values_are_kept() {
 
 #[test]
 fn should_retry() {
-    assert_eq!(parse(&[("x-should-retry", "true")]).should_retry(), Some(true));
-    assert_eq!(parse(&[("x-should-retry", "false")]).should_retry(), Some(false));
+    assert_eq!(
+        parse(&[("x-should-retry", "true")]).should_retry(),
+        Some(true)
+    );
+    assert_eq!(
+        parse(&[("x-should-retry", "false")]).should_retry(),
+        Some(false)
+    );
     assert_eq!(parse(&[("x-should-retry", "maybe")]).should_retry(), None);
 }
 
@@ -174,13 +184,22 @@ fn anthropic_429_from_the_wild() {
         ("retry-after", b"16"),
         ("anthropic-ratelimit-input-tokens-limit", b"200000"),
         ("anthropic-ratelimit-input-tokens-remaining", b"0"),
-        ("anthropic-ratelimit-input-tokens-reset", b"2026-01-01T00:00:16Z"),
+        (
+            "anthropic-ratelimit-input-tokens-reset",
+            b"2026-01-01T00:00:16Z",
+        ),
         ("anthropic-ratelimit-output-tokens-limit", b"80000"),
         ("anthropic-ratelimit-output-tokens-remaining", b"80000"),
-        ("anthropic-ratelimit-output-tokens-reset", b"2026-01-01T00:00:00Z"),
+        (
+            "anthropic-ratelimit-output-tokens-reset",
+            b"2026-01-01T00:00:00Z",
+        ),
         ("anthropic-ratelimit-requests-limit", b"4000"),
         ("anthropic-ratelimit-requests-remaining", b"4000"),
-        ("anthropic-ratelimit-requests-reset", b"2026-01-01T00:00:00.5Z"),
+        (
+            "anthropic-ratelimit-requests-reset",
+            b"2026-01-01T00:00:00.5Z",
+        ),
         ("anthropic-ratelimit-tokens-limit", b"280000"),
         ("anthropic-ratelimit-tokens-remaining", b"80000"),
     ];
@@ -210,7 +229,11 @@ fn anthropic_429_from_the_wild() {
     );
 
     // Without Retry-After the exhausted bucket's reset is the hint.
-    let without: Vec<_> = h.iter().filter(|(n, _)| *n != "retry-after").copied().collect();
+    let without: Vec<_> = h
+        .iter()
+        .filter(|(n, _)| *n != "retry-after")
+        .copied()
+        .collect();
     let s = parse_at(wall, &without);
     assert_eq!(
         s.hint(),
@@ -229,7 +252,10 @@ fn anthropic_reset_uses_the_date_header() {
         &[
             ("date", b"Thu, 01 Jan 2026 00:00:00 GMT"),
             ("anthropic-ratelimit-requests-remaining", b"0"),
-            ("anthropic-ratelimit-requests-reset", b"2026-01-01T00:00:07Z"),
+            (
+                "anthropic-ratelimit-requests-reset",
+                b"2026-01-01T00:00:07Z",
+            ),
         ],
     );
     assert_eq!(s.hint().unwrap().delay, Duration::from_secs(7));
@@ -254,10 +280,7 @@ fn openai_headers() {
         }
     );
     assert_eq!(s.exhausted().collect::<Vec<_>>(), [Bucket::Tokens]);
-    assert_eq!(
-        s.hint().unwrap().delay,
-        Duration::from_millis(3_723_500)
-    );
+    assert_eq!(s.hint().unwrap().delay, Duration::from_millis(3_723_500));
     let s = parse(&[("x-ratelimit-reset-requests", "12ms")]);
     assert_eq!(
         s.bucket(Bucket::Requests).reset,
@@ -313,7 +336,10 @@ fn generic_headers() {
 #[test]
 fn ietf_structured_fields() {
     let s = parse(&[
-        ("ratelimit-policy", r#""burst";q=100;w=60,"daily";q=1000;w=86400"#),
+        (
+            "ratelimit-policy",
+            r#""burst";q=100;w=60,"daily";q=1000;w=86400"#,
+        ),
         ("ratelimit", r#""burst";r=0;t=30, "daily";r=900;t=3600"#),
     ]);
     assert_eq!(
@@ -326,14 +352,14 @@ fn ietf_structured_fields() {
     );
     assert_eq!(s.hint().unwrap().delay, Duration::from_secs(30));
     // Retry-After takes precedence over `t`.
-    let s = parse(&[
-        ("ratelimit", r#""default";r=0;t=30"#),
-        ("retry-after", "7"),
-    ]);
+    let s = parse(&[("ratelimit", r#""default";r=0;t=30"#), ("retry-after", "7")]);
     assert_eq!(s.hint().unwrap().delay, Duration::from_secs(7));
     // Non-request quota units are not request buckets.
     let s = parse(&[
-        ("ratelimit-policy", r#""bytes";q=1000;w=60;qu="content-bytes""#),
+        (
+            "ratelimit-policy",
+            r#""bytes";q=1000;w=60;qu="content-bytes""#,
+        ),
         ("ratelimit", r#""bytes";r=0;t=30"#),
     ]);
     assert!(s.is_empty());
