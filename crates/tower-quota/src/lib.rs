@@ -42,6 +42,9 @@
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod partition;
+pub mod retry;
+pub mod retry_after;
 pub mod signals;
 
 /// A type-erased error, as tower uses.

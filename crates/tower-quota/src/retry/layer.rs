@@ -1,0 +1,250 @@
+use super::BackoffRetry;
+use super::backoff::{Backoff, Jitter};
+use crate::classify::{Classify, DefaultClassifier};
+use crate::signals::{SystemClock, WallClock};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower::Layer;
+use tower::retry::budget::{Budget, TpsBudget};
+
+pub(crate) struct Shared {
+    pub(crate) backoff: Backoff,
+    pub(crate) max_retries: u32,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) max_hint_wait: Option<Duration>,
+    pub(crate) hint_jitter: Duration,
+    pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
+    pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) wall: Arc<dyn WallClock>,
+    pub(crate) rng: Mutex<SmallRng>,
+    pub(crate) stats: Arc<StatsInner>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsInner {
+    pub(crate) calls: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) gave_up: AtomicU64,
+}
+
+/// A cheap, read-only view of a retry layer's counters, shared by all its services.
+#[derive(Clone, Debug)]
+pub struct RetryStats(Arc<StatsInner>);
+
+impl RetryStats {
+    /// Calls made through the layer.
+    pub fn calls(&self) -> u64 {
+        self.0.calls.load(Ordering::Relaxed)
+    }
+
+    /// Retries sent (attempts after the first).
+    pub fn retries(&self) -> u64 {
+        self.0.retries.load(Ordering::Relaxed)
+    }
+
+    /// Calls that ended on a retryable failure the layer gave up on.
+    pub fn gave_up(&self) -> u64 {
+        self.0.gave_up.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct Config {
+    backoff: Backoff,
+    max_retries: u32,
+    deadline: Option<Duration>,
+    max_hint_wait: Option<Duration>,
+    hint_jitter: Duration,
+    budget: Option<Arc<dyn Budget + Send + Sync>>,
+    classifier: Arc<dyn Classify>,
+    wall: Arc<dyn WallClock>,
+    seed: Option<u64>,
+}
+
+/// Retries what is retryable, with exponential backoff and jitter, waiting for the server's hint
+/// when it gives one. See the [module docs](super).
+///
+/// # Clone
+///
+/// Clones share the retry budget, the random source and the counters, and so do all the services
+/// the layer makes.
+#[derive(Clone)]
+#[must_use]
+pub struct BackoffRetryLayer {
+    shared: Arc<Shared>,
+}
+
+impl BackoffRetryLayer {
+    /// Default retries after the first attempt: 5, as the seed recipe (the SDKs use 2, which gives
+    /// up inside a minute-long cooldown).
+    pub const DEFAULT_MAX_RETRIES: u32 = 5;
+    /// Default cap on a hinted wait: 5 minutes, the same as
+    /// [`RetryAfterLayer::DEFAULT_MAX_WAIT`](crate::retry_after::RetryAfterLayer::DEFAULT_MAX_WAIT).
+    pub const DEFAULT_MAX_HINT_WAIT: Duration = Duration::from_secs(300);
+    /// Default jitter after a hinted instant: up to 100 ms (jitter only ever adds to a hint).
+    pub const DEFAULT_HINT_JITTER: Duration = Duration::from_millis(100);
+
+    /// The defaults: [`Backoff::default`] (1 s base doubling to a 60 s cap, plus uniform(0, 1 s)),
+    /// 5 retries, no deadline, hinted waits up to 5 minutes plus up to 100 ms of jitter, a retry
+    /// budget of 20 % of recent calls plus 10 retries/s over a 10 s window (tower's
+    /// [`TpsBudget`], Envoy's 20 %), and the [`DefaultClassifier`].
+    pub fn new() -> Self {
+        Self::from_config(Config {
+            backoff: Backoff::default(),
+            max_retries: Self::DEFAULT_MAX_RETRIES,
+            deadline: None,
+            max_hint_wait: Some(Self::DEFAULT_MAX_HINT_WAIT),
+            hint_jitter: Self::DEFAULT_HINT_JITTER,
+            budget: Some(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))),
+            classifier: Arc::new(DefaultClassifier),
+            wall: Arc::new(SystemClock),
+            seed: None,
+        })
+    }
+
+    fn from_config(c: Config) -> Self {
+        let rng = match c.seed {
+            Some(s) => SmallRng::seed_from_u64(s),
+            None => SmallRng::from_rng(&mut rand::rng()),
+        };
+        Self {
+            shared: Arc::new(Shared {
+                backoff: c.backoff,
+                max_retries: c.max_retries,
+                deadline: c.deadline,
+                max_hint_wait: c.max_hint_wait,
+                hint_jitter: c.hint_jitter,
+                budget: c.budget,
+                classifier: c.classifier,
+                wall: c.wall,
+                rng: Mutex::new(rng),
+                stats: Arc::new(StatsInner::default()),
+            }),
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+        let s = &self.shared;
+        let mut c = Config {
+            backoff: s.backoff,
+            max_retries: s.max_retries,
+            deadline: s.deadline,
+            max_hint_wait: s.max_hint_wait,
+            hint_jitter: s.hint_jitter,
+            budget: s.budget.clone(),
+            classifier: s.classifier.clone(),
+            wall: s.wall.clone(),
+            seed: None,
+        };
+        f(&mut c);
+        Self::from_config(c)
+    }
+
+    /// The backoff. Builder methods start fresh shared state (budget counters, random source):
+    /// configure the layer before you clone it.
+    pub fn backoff(self, backoff: Backoff) -> Self {
+        self.with(|c| c.backoff = backoff)
+    }
+
+    /// The first delay (`base` of the backoff).
+    pub fn base(self, base: Duration) -> Self {
+        self.with(|c| c.backoff.base = base)
+    }
+
+    /// The cap on the exponential part of the delay.
+    pub fn max_delay(self, max: Duration) -> Self {
+        self.with(|c| c.backoff.max = max)
+    }
+
+    /// The jitter mode.
+    pub fn jitter(self, jitter: Jitter) -> Self {
+        self.with(|c| c.backoff.jitter = jitter)
+    }
+
+    /// Retries after the first attempt (0: never retry).
+    pub fn max_retries(self, n: u32) -> Self {
+        self.with(|c| c.max_retries = n)
+    }
+
+    /// A deadline for the whole call, from when it starts: no retry starts after it. A request can
+    /// carry its own [`Deadline`](super::Deadline) too; the earlier one wins. It does not cut an
+    /// attempt short (that is a timeout layer's job).
+    pub fn deadline(self, total: Option<Duration>) -> Self {
+        self.with(|c| c.deadline = total)
+    }
+
+    /// The longest hinted wait to sleep through; past it the call fails fast with
+    /// [`GiveUp::HintTooLong`](super::GiveUp::HintTooLong). `None`: no cap.
+    pub fn max_hint_wait(self, cap: Option<Duration>) -> Self {
+        self.with(|c| c.max_hint_wait = cap)
+    }
+
+    /// The largest random delay added after a hinted instant.
+    pub fn hint_jitter(self, max: Duration) -> Self {
+        self.with(|c| c.hint_jitter = max)
+    }
+
+    /// The retry budget (any tower [`Budget`]); shared by every clone and service of the layer.
+    pub fn budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.with(|c| c.budget = Some(Arc::new(budget)))
+    }
+
+    /// No retry budget: only `max_retries` and the deadline bound the retries.
+    pub fn no_budget(self) -> Self {
+        self.with(|c| c.budget = None)
+    }
+
+    /// Which results are retried.
+    pub fn classifier(self, classify: impl Classify) -> Self {
+        self.with(|c| c.classifier = Arc::new(classify))
+    }
+
+    /// The wall clock for HTTP-dates when a response has no `Date` header (when no
+    /// [`RetryAfterLayer`](crate::retry_after::RetryAfterLayer) read the hint first).
+    pub fn wall_clock(self, wall: impl WallClock) -> Self {
+        self.with(|c| c.wall = Arc::new(wall))
+    }
+
+    /// Seeds the jitter's random source (for reproducible tests).
+    pub fn seed(self, seed: u64) -> Self {
+        self.with(|c| c.seed = Some(seed))
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> RetryStats {
+        RetryStats(self.shared.stats.clone())
+    }
+}
+
+impl Default for BackoffRetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for BackoffRetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.shared;
+        f.debug_struct("BackoffRetryLayer")
+            .field("backoff", &s.backoff)
+            .field("max_retries", &s.max_retries)
+            .field("deadline", &s.deadline)
+            .field("max_hint_wait", &s.max_hint_wait)
+            .field("hint_jitter", &s.hint_jitter)
+            .field("budget", &s.budget.is_some())
+            .field("stats", &s.stats)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for BackoffRetryLayer {
+    type Service = BackoffRetry<S>;
+
+    fn layer(&self, inner: S) -> BackoffRetry<S> {
+        BackoffRetry::new(inner, self.shared.clone())
+    }
+}

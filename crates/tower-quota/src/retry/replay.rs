@@ -1,0 +1,372 @@
+//! Request bodies that can be sent more than once.
+//!
+//! # Why a separate buffering layer
+//!
+//! A retry needs the request again, body included. Bodies that are cheap to clone (`Full<Bytes>`,
+//! `Bytes`, `String`, `Empty`, `()`) are simply cloned: [`TryCloneBody`] says how, and the inner
+//! service keeps its own body type. Any other body (a stream, hyper's `Incoming`) must be kept as it
+//! is read; [`ReplayBodyLayer`], stacked outside [`BackoffRetryLayer`](super::BackoffRetryLayer),
+//! reads it into a buffer of at most `cap` bytes once, before the first attempt, and hands the
+//! retry layer a [`ReplayBody`]. A body larger than the cap is sent once, unbuffered (its read
+//! prefix, then the rest), and the retry layer reports that it could not retry it. Keeping the two
+//! apart leaves the cheap path free of buffering and of a body type change.
+
+use crate::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower::{Layer, Service, ServiceExt};
+
+/// A request body that may be copied for another attempt.
+pub trait TryCloneBody: Sized {
+    /// A fresh copy of the body, or `None` if this body cannot be sent again.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+macro_rules! clone_body {
+    ($($t:ty),* $(,)?) => {$(
+        impl TryCloneBody for $t {
+            fn try_clone_body(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
+    )*};
+}
+
+clone_body!((), String, Bytes, Vec<u8>, &'static str, &'static [u8]);
+
+impl<D: Clone> TryCloneBody for http_body_util::Full<D> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl<D> TryCloneBody for http_body_util::Empty<D> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(http_body_util::Empty::new())
+    }
+}
+
+/// A copy of `req` for another attempt: same method, URI, version, headers and extensions, a cloned
+/// body. `None` if the body cannot be cloned.
+pub(crate) fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
+    let body = req.body().try_clone_body()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+/// A body read into memory so it can be replayed, or, past the cap, one that can be sent once.
+pub struct ReplayBody<B> {
+    inner: Inner<B>,
+}
+
+enum Inner<B> {
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    Tail {
+        prefix: Option<Bytes>,
+        rest: B,
+    },
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::Buffered { data, .. } => f
+                .debug_struct("ReplayBody::Buffered")
+                .field("bytes", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            Inner::Tail { prefix, .. } => f
+                .debug_struct("ReplayBody::Tail")
+                .field("prefix", &prefix.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Reads `body` into memory, up to `cap` bytes. A longer body comes back as a one-shot body
+    /// (its buffered prefix, then the unread rest): [`ReplayBody::is_replayable`] is then `false`.
+    ///
+    /// # Errors
+    ///
+    /// The body's own error, if reading it fails.
+    pub async fn buffer(mut body: B, cap: usize) -> Result<Self, BoxError> {
+        let mut buf = BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(Into::into)?;
+            match frame.into_data() {
+                Ok(mut data) => {
+                    buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+                    if buf.len() > cap {
+                        return Ok(Self {
+                            inner: Inner::Tail {
+                                prefix: Some(buf.freeze()),
+                                rest: body,
+                            },
+                        });
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            inner: Inner::Buffered {
+                data: Some(buf.freeze()),
+                trailers,
+            },
+        })
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// Whether the body was read whole and can be sent again.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.inner, Inner::Buffered { .. })
+    }
+}
+
+impl<B> TryCloneBody for ReplayBody<B> {
+    fn try_clone_body(&self) -> Option<Self> {
+        match &self.inner {
+            Inner::Buffered { data, trailers } => Some(Self {
+                inner: Inner::Buffered {
+                    data: data.clone(),
+                    trailers: trailers.clone(),
+                },
+            }),
+            Inner::Tail { .. } => None,
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().inner {
+            Inner::Buffered { data, trailers } => {
+                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            Inner::Tail { prefix, rest } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                match Pin::new(rest).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(
+                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                    ))),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Buffered { data, trailers } => {
+                data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
+            }
+            Inner::Tail { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Inner::Tail { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower().saturating_add(p));
+                if let Some(u) = r.upper() {
+                    h.set_upper(u.saturating_add(p));
+                }
+                h
+            }
+        }
+    }
+}
+
+/// Buffers request bodies (up to a cap) into [`ReplayBody`] so the retry layer inside can replay
+/// them. See the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct ReplayBodyLayer {
+    cap: usize,
+}
+
+impl ReplayBodyLayer {
+    /// Buffers bodies of up to `cap` bytes.
+    pub const fn new(cap: usize) -> Self {
+        Self { cap }
+    }
+}
+
+impl Default for ReplayBodyLayer {
+    /// A 1 MiB cap: far above a typical Messages request, far below anything that hurts.
+    fn default() -> Self {
+        Self::new(1 << 20)
+    }
+}
+
+impl<S> Layer<S> for ReplayBodyLayer {
+    type Service = ReplayBodyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReplayBodyService {
+            inner,
+            cap: self.cap,
+        }
+    }
+}
+
+/// The service [`ReplayBodyLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct ReplayBodyService<S> {
+    inner: S,
+    cap: usize,
+}
+
+impl<S> ReplayBodyService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for ReplayBodyService<S>
+where
+    S: Service<Request<ReplayBody<B>>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The inner service is made ready in the future, once the body is read: nothing of it is
+        // held while a slow upload buffers.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        let cap = self.cap;
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = ReplayBody::buffer(body, cap).await?;
+            let req = Request::from_parts(parts, body);
+            inner.oneshot(req).await.map_err(Into::into)
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    /// A streaming body of `n` chunks of `size` bytes: not cloneable.
+    pub(crate) struct Chunks {
+        pub(crate) left: usize,
+        pub(crate) size: usize,
+    }
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            self.left -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.size])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn buffers_and_replays_small_bodies() {
+        let b = ReplayBody::buffer(Full::new(Bytes::from_static(b"hello")), 16)
+            .await
+            .unwrap();
+        assert!(b.is_replayable());
+        let copy = b.try_clone_body().unwrap();
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "hello");
+
+        let b = ReplayBody::buffer(Chunks { left: 4, size: 4 }, 16)
+            .await
+            .unwrap();
+        assert!(b.is_replayable());
+        assert_eq!(
+            b.try_clone_body()
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .len(),
+            16
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_cap_are_sent_once_whole() {
+        let b = ReplayBody::buffer(Chunks { left: 10, size: 4 }, 16)
+            .await
+            .unwrap();
+        assert!(!b.is_replayable());
+        assert!(b.try_clone_body().is_none());
+        // Nothing is lost: the prefix read so far, then the rest.
+        assert_eq!(b.collect().await.unwrap().to_bytes().len(), 40);
+    }
+}

@@ -1,0 +1,97 @@
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use super::replay::TryCloneBody;
+use super::{BackoffRetryLayer, Deadline};
+use crate::BoxError;
+use http::{Request, Response};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tower::Service;
+
+/// The service [`BackoffRetryLayer`] makes. See the [module docs](super).
+///
+/// It is always ready: each attempt drives a clone of the inner service to readiness inside the
+/// response future (`poll_ready` before every `call`), so no capacity of the inner service is held
+/// between attempts.
+pub struct BackoffRetry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> BackoffRetry<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// A layer with the defaults ([`BackoffRetryLayer::new`]).
+    pub fn layer() -> BackoffRetryLayer {
+        BackoffRetryLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for BackoffRetry<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for BackoffRetry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackoffRetry")
+            .field("inner", &self.inner)
+            .field("max_retries", &self.shared.max_retries)
+            .finish()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for BackoffRetry<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: TryCloneBody,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let now = Instant::now();
+        let shared = &self.shared;
+        shared.stats.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = &shared.budget {
+            b.deposit();
+        }
+        let from_layer = shared.deadline.and_then(|d| now.checked_add(d));
+        let from_request = req.extensions().get::<Deadline>().map(|d| d.0);
+        let deadline = match (from_layer, from_request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), deadline)
+    }
+}

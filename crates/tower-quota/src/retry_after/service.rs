@@ -1,0 +1,99 @@
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use super::{RetryAfterLayer, error::WaitTooLong};
+use crate::BoxError;
+use crate::partition::partition_of;
+use http::{Request, Response};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::Service;
+
+/// The service [`RetryAfterLayer`] makes. See the [module docs](super).
+///
+/// It is always ready: the inner service is driven to readiness inside the response future, after
+/// the request has passed its partition's gate, so a request that waits holds nothing of the inner
+/// service (no connection, no concurrency slot) while it waits.
+pub struct RetryAfter<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> RetryAfter<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// A layer with the defaults ([`RetryAfterLayer::new`]).
+    pub fn layer() -> RetryAfterLayer {
+        RetryAfterLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for RetryAfter<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RetryAfter<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryAfter")
+            .field("inner", &self.inner)
+            .field("max_wait", &self.shared.max_wait)
+            .finish()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for RetryAfter<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let partition = partition_of(&*self.shared.partitioner, &req);
+        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), partition)
+    }
+}
+
+pub(crate) fn too_long(
+    shared: &Shared,
+    partition: crate::partition::PartitionKey,
+    until: tokio::time::Instant,
+    now: tokio::time::Instant,
+) -> Option<WaitTooLong> {
+    let cap = shared.max_wait?;
+    let wait = until.saturating_duration_since(now);
+    (wait > cap).then_some(WaitTooLong {
+        retry_at: until,
+        wait,
+        cap,
+        partition,
+    })
+}
