@@ -80,13 +80,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let now = Instant::now();
         let shared = &self.shared;
         shared.stats.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(b) = &shared.budget {
             b.deposit();
         }
-        let from_layer = shared.deadline.and_then(|d| now.checked_add(d));
+        // Read the clock only when a deadline needs it.
+        let from_layer = shared.deadline.and_then(|d| Instant::now().checked_add(d));
         let from_request = req.extensions().get::<Deadline>().map(|d| d.0);
         let deadline = match (from_layer, from_request) {
             (Some(a), Some(b)) => Some(a.min(b)),
