@@ -78,7 +78,7 @@ mod backoff;
 pub mod error;
 pub mod future;
 mod layer;
-mod replay;
+pub mod replay;
 mod service;
 
 pub use backoff::{Backoff, Jitter};
