@@ -41,7 +41,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod classify;
+pub mod clock;
+pub mod concurrency;
 pub mod partition;
 pub mod retry;
 pub mod retry_after;

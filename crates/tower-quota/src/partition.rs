@@ -24,6 +24,10 @@ impl PartitionKey {
     /// The partition of requests that carry no key.
     pub const ANONYMOUS: PartitionKey = PartitionKey(0);
 
+    /// The partition of a budget's global cap (shared by every key). Fingerprints are odd, so no
+    /// key maps to it.
+    pub const GLOBAL: PartitionKey = PartitionKey(2);
+
     /// The fingerprint of `secret` (an API key or any label).
     pub fn fingerprint(secret: &[u8]) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;

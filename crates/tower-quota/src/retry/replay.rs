@@ -141,6 +141,14 @@ where
 }
 
 impl<B> ReplayBody<B> {
+    /// The whole body, if it was read whole.
+    pub fn buffered(&self) -> Option<Bytes> {
+        match &self.inner {
+            Inner::Buffered { data, .. } => Some(data.clone().unwrap_or_default()),
+            Inner::Tail { .. } => None,
+        }
+    }
+
     /// Whether the body was read whole and can be sent again.
     pub fn is_replayable(&self) -> bool {
         matches!(self.inner, Inner::Buffered { .. })

@@ -1,0 +1,287 @@
+use super::estimate::{Estimate, MessagesEstimator};
+use super::store::{BudgetStore, MemoryStore, Scope, Snapshot, StoreError};
+use super::{Limits, TokenBudget};
+use crate::classify::{Classify, DefaultClassifier};
+use crate::partition::{ApiKey, PartitionKey, Partitioner};
+use crate::signals::{SystemClock, WallClock};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tower::Layer;
+
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) global: Option<Limits>,
+    pub(crate) store: Arc<dyn BudgetStore>,
+    pub(crate) estimator: Arc<dyn Estimate>,
+    pub(crate) partitioner: Arc<dyn Partitioner>,
+    pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) wall: Arc<dyn WallClock>,
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) learn: bool,
+    pub(crate) reconcile: bool,
+    turns: Mutex<HashMap<PartitionKey, Arc<Semaphore>>>,
+    max_partitions: usize,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) waits: AtomicU64,
+    pub(crate) admitted: AtomicU64,
+}
+
+impl Shared {
+    /// The scopes a request of partition `p` draws on.
+    pub(crate) fn scopes(&self, p: PartitionKey) -> Arc<[Scope]> {
+        let own = Scope {
+            partition: p,
+            limits: self.limits,
+        };
+        match self.global {
+            Some(g) => Arc::new([
+                own,
+                Scope {
+                    partition: PartitionKey::GLOBAL,
+                    limits: g,
+                },
+            ]),
+            None => Arc::new([own]),
+        }
+    }
+
+    /// The FIFO turns a request of partition `p` takes, in order: its partition's, then the global
+    /// cap's. Only the holder of the turns asks the store.
+    pub(crate) fn turns(&self, p: PartitionKey) -> (Arc<Semaphore>, Option<Arc<Semaphore>>) {
+        let mut map = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(&p) && map.len() >= self.max_partitions {
+            map.retain(|k, s| {
+                *k == PartitionKey::GLOBAL || Arc::strong_count(s) > 1 || s.available_permits() == 0
+            });
+        }
+        let own = map
+            .entry(p)
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        let global = self.global.map(|_| {
+            map.entry(PartitionKey::GLOBAL)
+                .or_insert_with(|| Arc::new(Semaphore::new(1)))
+                .clone()
+        });
+        (own, global)
+    }
+}
+
+#[derive(Clone)]
+struct Config {
+    limits: Limits,
+    global: Option<Limits>,
+    store: Arc<dyn BudgetStore>,
+    estimator: Arc<dyn Estimate>,
+    partitioner: Arc<dyn Partitioner>,
+    classifier: Arc<dyn Classify>,
+    wall: Arc<dyn WallClock>,
+    max_wait: Option<Duration>,
+    learn: bool,
+    reconcile: bool,
+    max_partitions: usize,
+}
+
+/// Requests, input tokens and output tokens per minute: reserve before sending, wait in FIFO order,
+/// settle with the real usage, learn from the server. See the [module docs](super).
+///
+/// # Clone
+///
+/// Clones share the store, the queues and the counters, and so do all the services the layer makes.
+#[derive(Clone)]
+#[must_use]
+pub struct TokenBudgetLayer {
+    shared: Arc<Shared>,
+    config: Config,
+}
+
+impl TokenBudgetLayer {
+    /// Default cap on one wait for the budget: 5 minutes, like the Retry-After cap.
+    pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(300);
+
+    /// A budget with `limits` for every partition (API key), an in-memory store, the
+    /// [`MessagesEstimator`], learning from the server's headers on, waits capped at 5 minutes.
+    /// `Limits::new()` (nothing configured) learns every limit from the server.
+    pub fn new(limits: Limits) -> Self {
+        Self::from_config(Config {
+            limits,
+            global: None,
+            store: Arc::new(MemoryStore::default()),
+            estimator: Arc::new(MessagesEstimator::default()),
+            partitioner: Arc::new(ApiKey),
+            classifier: Arc::new(DefaultClassifier),
+            wall: Arc::new(SystemClock),
+            max_wait: Some(Self::DEFAULT_MAX_WAIT),
+            learn: true,
+            reconcile: true,
+            max_partitions: MemoryStore::DEFAULT_MAX_PARTITIONS,
+        })
+    }
+
+    fn from_config(config: Config) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                limits: config.limits,
+                global: config.global,
+                store: config.store.clone(),
+                estimator: config.estimator.clone(),
+                partitioner: config.partitioner.clone(),
+                classifier: config.classifier.clone(),
+                wall: config.wall.clone(),
+                max_wait: config.max_wait,
+                learn: config.learn,
+                reconcile: config.reconcile,
+                turns: Mutex::new(HashMap::new()),
+                max_partitions: config.max_partitions,
+                queued: AtomicUsize::new(0),
+                waits: AtomicU64::new(0),
+                admitted: AtomicU64::new(0),
+            }),
+            config,
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut c = self.config;
+        f(&mut c);
+        Self::from_config(c)
+    }
+
+    /// A cap across all partitions, on top of each partition's own limits.
+    ///
+    /// Builder methods start fresh shared state: configure the layer before you clone it.
+    pub fn global(self, limits: Limits) -> Self {
+        self.with(|c| c.global = Some(limits))
+    }
+
+    /// Where the buckets live (default: a fresh [`MemoryStore`]).
+    pub fn store(self, store: impl BudgetStore) -> Self {
+        self.with(|c| c.store = Arc::new(store))
+    }
+
+    /// A store shared with other layers or kept for inspection.
+    pub fn shared_store(self, store: Arc<dyn BudgetStore>) -> Self {
+        self.with(|c| c.store = store)
+    }
+
+    /// How a request's cost is estimated (a [`Cost`](super::Cost) in its extensions still wins).
+    pub fn estimator(self, e: impl Estimate) -> Self {
+        self.with(|c| c.estimator = Arc::new(e))
+    }
+
+    /// How requests map to partitions.
+    pub fn partitioner(self, p: impl Partitioner) -> Self {
+        self.with(|c| c.partitioner = Arc::new(p))
+    }
+
+    /// The classifier (a connection that was never made refunds its reservation).
+    pub fn classifier(self, classify: impl Classify) -> Self {
+        self.with(|c| c.classifier = Arc::new(classify))
+    }
+
+    /// The wall clock for reset dates without a `Date` header.
+    pub fn wall_clock(self, wall: impl WallClock) -> Self {
+        self.with(|c| c.wall = Arc::new(wall))
+    }
+
+    /// The longest a request may wait for the budget; past it, it fails fast with
+    /// [`BudgetError::WaitTooLong`](super::BudgetError::WaitTooLong). `None`: no cap.
+    pub fn max_wait(self, cap: Option<Duration>) -> Self {
+        self.with(|c| c.max_wait = cap)
+    }
+
+    /// Whether to learn limits and levels from the server's headers (default on).
+    pub fn learn(self, on: bool) -> Self {
+        self.with(|c| c.learn = on)
+    }
+
+    /// Whether to settle reservations with the usage read from response bodies (default on). Off,
+    /// a reservation keeps its estimate unless the caller settles it through the
+    /// [`ReservationHandle`](super::ReservationHandle) (the OpenAI cookbook's behaviour, kept for
+    /// comparison).
+    pub fn reconcile(self, on: bool) -> Self {
+        self.with(|c| c.reconcile = on)
+    }
+
+    /// The bound on partitions whose queues are tracked (the store has its own bound).
+    pub fn max_partitions(self, n: usize) -> Self {
+        self.with(|c| c.max_partitions = n.max(1))
+    }
+
+    /// A read-only view of the layer's live state.
+    pub fn handle(&self) -> BudgetHandle {
+        BudgetHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for TokenBudgetLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBudgetLayer")
+            .field("limits", &self.shared.limits)
+            .field("global", &self.shared.global)
+            .field("learn", &self.shared.learn)
+            .field("max_wait", &self.shared.max_wait)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for TokenBudgetLayer {
+    type Service = TokenBudget<S>;
+
+    fn layer(&self, inner: S) -> TokenBudget<S> {
+        TokenBudget::new(inner, self.shared.clone())
+    }
+}
+
+/// A cheap, read-only view of a [`TokenBudgetLayer`]'s state.
+#[derive(Clone)]
+pub struct BudgetHandle {
+    shared: Arc<Shared>,
+}
+
+impl BudgetHandle {
+    /// Requests waiting for the budget now.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// Times a request had to wait for a bucket or a cooldown, so far.
+    pub fn waits(&self) -> u64 {
+        self.shared.waits.load(Ordering::Relaxed)
+    }
+
+    /// Requests admitted so far.
+    pub fn admitted(&self) -> u64 {
+        self.shared.admitted.load(Ordering::Relaxed)
+    }
+
+    /// The buckets of `partition` now (levels, capacities, cooldown).
+    ///
+    /// # Errors
+    ///
+    /// The store's, if it cannot be read.
+    pub async fn snapshot(&self, partition: PartitionKey) -> Result<Option<Snapshot>, StoreError> {
+        let limits = if partition == PartitionKey::GLOBAL {
+            self.shared.global.unwrap_or_default()
+        } else {
+            self.shared.limits
+        };
+        self.shared.store.snapshot(partition, limits).await
+    }
+}
+
+impl fmt::Debug for BudgetHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetHandle")
+            .field("queued", &self.queued())
+            .field("waits", &self.waits())
+            .field("admitted", &self.admitted())
+            .finish()
+    }
+}

@@ -1,0 +1,138 @@
+use super::Cost;
+use super::store::{BudgetStore, Delta, Scope};
+use crate::partition::PartitionKey;
+use std::fmt;
+use std::future::Future;
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
+
+/// Runs a store operation from a place that cannot wait (a `Drop`, a body's last frame): polls it
+/// once, which finishes the in-memory store's operations at once, and spawns the rest on the
+/// current tokio runtime.
+pub(crate) fn drive(fut: impl Future<Output = ()> + Send + 'static) {
+    let mut fut = Box::pin(fut);
+    let mut cx = Context::from_waker(Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(fut);
+            }
+            Err(_) => tracing::warn!("budget: no runtime to finish a store update; it is lost"),
+        }
+    }
+}
+
+struct Ledger {
+    store: Arc<dyn BudgetStore>,
+    scopes: Arc<[Scope]>,
+    partition: PartitionKey,
+    estimate: Cost,
+    settled: Mutex<Option<Cost>>,
+}
+
+/// A request's reservation, in the extensions of its response. Settle it with the real usage
+/// ([`ReservationHandle::report_usage`]) when your code reads the usage itself; the layer settles
+/// it on its own when it sees the usage in the response body. It settles once: later calls do
+/// nothing and return `false`. Dropped unsettled, it keeps its estimate.
+#[derive(Clone)]
+pub struct ReservationHandle(Arc<Ledger>);
+
+impl ReservationHandle {
+    pub(crate) fn new(
+        store: Arc<dyn BudgetStore>,
+        scopes: Arc<[Scope]>,
+        partition: PartitionKey,
+        estimate: Cost,
+    ) -> Self {
+        Self(Arc::new(Ledger {
+            store,
+            scopes,
+            partition,
+            estimate,
+            settled: Mutex::new(None),
+        }))
+    }
+
+    /// What was reserved.
+    pub fn estimate(&self) -> Cost {
+        self.0.estimate
+    }
+
+    /// What it was settled at, once settled.
+    pub fn settled(&self) -> Option<Cost> {
+        *self.0.settled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The partition it was taken from.
+    pub fn partition(&self) -> PartitionKey {
+        self.0.partition
+    }
+
+    /// Settles with the real usage: refunds or charges the difference from the estimate.
+    pub fn report_usage(&self, input_tokens: u64, output_tokens: u64) -> bool {
+        self.settle(Cost {
+            requests: self.0.estimate.requests,
+            input_tokens,
+            output_tokens,
+        })
+    }
+
+    /// Gives everything back (the request was never processed).
+    pub fn refund(&self) -> bool {
+        self.settle(Cost::default())
+    }
+
+    /// Settles at `actual`.
+    pub fn settle(&self, actual: Cost) -> bool {
+        {
+            let mut s = self.0.settled.lock().unwrap_or_else(|e| e.into_inner());
+            if s.is_some() {
+                return false;
+            }
+            *s = Some(actual);
+        }
+        let delta = Delta::between(self.0.estimate, actual);
+        if !delta.is_zero() {
+            let ledger = self.0.clone();
+            drive(async move {
+                if let Err(e) = ledger.store.adjust(&ledger.scopes, delta).await {
+                    tracing::warn!(error = %e, "budget: settling a reservation failed");
+                }
+            });
+        }
+        tracing::trace!(partition = %self.0.partition, ?delta, "budget: settled");
+        true
+    }
+}
+
+impl fmt::Debug for ReservationHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReservationHandle")
+            .field("partition", &self.0.partition)
+            .field("estimate", &self.0.estimate)
+            .field("settled", &self.settled())
+            .finish()
+    }
+}
+
+/// Refunds a reservation whose request was never sent, when dropped before [`NotSent::sent`].
+pub(crate) struct NotSent(Option<ReservationHandle>);
+
+impl NotSent {
+    pub(crate) fn new(h: ReservationHandle) -> Self {
+        Self(Some(h))
+    }
+
+    pub(crate) fn sent(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NotSent {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.refund();
+        }
+    }
+}

@@ -1,0 +1,86 @@
+use super::body::BudgetBody;
+use super::estimate::BodyBytes;
+use super::future::{ResponseFuture, run};
+use super::layer::Shared;
+use super::{Limits, TokenBudgetLayer};
+use crate::BoxError;
+use http::{Request, Response};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::Service;
+
+/// The service [`TokenBudgetLayer`] makes. See the [module docs](super).
+///
+/// It is always ready: the reservation is made in the response future (the partition and the cost
+/// are known only from the request), and the inner service is made ready once it is granted, so a
+/// request waiting for its budget holds nothing of the inner service.
+pub struct TokenBudget<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> TokenBudget<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// A layer with `limits` ([`TokenBudgetLayer::new`]).
+    pub fn layer(limits: Limits) -> TokenBudgetLayer {
+        TokenBudgetLayer::new(limits)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for TokenBudget<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for TokenBudget<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBudget")
+            .field("inner", &self.inner)
+            .field("limits", &self.shared.limits)
+            .finish()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for TokenBudget<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: BodyBytes + Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<BudgetBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<ResB>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ResponseFuture::new(run(self.inner.clone(), req, self.shared.clone()))
+    }
+}

@@ -1,0 +1,176 @@
+//! The response future of [`ConcurrencyLimit`](super::ConcurrencyLimit).
+
+use super::body::ConcurrencyBody;
+use super::layer::{Permit, Shared};
+use super::limiter::Limiter;
+use crate::BoxError;
+use crate::classify::Outcome;
+use http::Response;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tower::Service;
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// Counts a request as queued at a limiter while it waits there.
+struct Queued(Arc<Limiter>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pin_project! {
+    /// Waits for a slot (FIFO), sends the request, and hands the slot to the response body.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        svc: S,
+        req: Option<Req>,
+        shared: Arc<Shared>,
+        limiters: [Option<Arc<Limiter>>; 2],
+        next: usize,
+        waiting: Option<(Acquire, Queued)>,
+        permit: Option<Permit>,
+        saturated: bool,
+        sent_at: Option<Instant>,
+        #[pin]
+        state: State<S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Acquiring,
+        Ready,
+        Calling { #[pin] fut: F },
+    }
+}
+
+impl<S, Req> ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn new(
+        svc: S,
+        req: Req,
+        shared: Arc<Shared>,
+        limiters: [Option<Arc<Limiter>>; 2],
+    ) -> Self {
+        Self {
+            svc,
+            req: Some(req),
+            shared,
+            limiters,
+            next: 0,
+            waiting: None,
+            permit: Some(Permit::new()),
+            saturated: false,
+            sent_at: None,
+            state: State::Acquiring,
+        }
+    }
+}
+
+impl<S, Req> fmt::Debug for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Acquiring => "acquiring",
+            State::Ready => "ready",
+            State::Calling { .. } => "calling",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, Req, ResB> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ConcurrencyBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Acquiring => {
+                    let Some(limiter) = this.limiters.get(*this.next).and_then(Clone::clone) else {
+                        this.state.set(State::Ready);
+                        continue;
+                    };
+                    let permit = match this.waiting {
+                        Some((acquire, _)) => {
+                            let p = ready!(acquire.as_mut().poll(cx));
+                            *this.waiting = None;
+                            p
+                        }
+                        None => match limiter.semaphore().try_acquire_owned() {
+                            Ok(p) => Ok(p),
+                            Err(_) => {
+                                limiter.queued.fetch_add(1, Ordering::SeqCst);
+                                let acquire: Acquire =
+                                    Box::pin(limiter.semaphore().acquire_owned());
+                                *this.waiting = Some((acquire, Queued(limiter.clone())));
+                                continue;
+                            }
+                        },
+                    };
+                    // The semaphores are never closed.
+                    let permit = permit.map_err(|e| -> BoxError { Box::new(e) })?;
+                    let saturated = limiter.acquired();
+                    if *this.next == 0 {
+                        *this.saturated = saturated;
+                    }
+                    if let Some(p) = this.permit.as_mut() {
+                        p.push(limiter, permit);
+                    }
+                    *this.next += 1;
+                }
+                StateProj::Ready => {
+                    ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
+                    let req = this.req.take().expect("request sent once");
+                    *this.sent_at = Some(Instant::now());
+                    let fut = this.svc.call(req);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
+                    let rtt = this.sent_at.map(|t| t.elapsed()).unwrap_or_default();
+                    let classifier = &this.shared.classifier;
+                    let outcome = match &result {
+                        Ok(res) => {
+                            classifier
+                                .classify_response(res.status(), res.headers())
+                                .outcome
+                        }
+                        Err(e) => classifier.classify_error(&**e).outcome,
+                    };
+                    if let Some(own) = this.limiters[0].as_ref() {
+                        own.observe(outcome, rtt, *this.saturated && outcome == Outcome::Success);
+                    }
+                    let permit = this.permit.take().expect("permit handed over once");
+                    return Poll::Ready(match result {
+                        Ok(res) => Ok(res.map(|b| ConcurrencyBody::new(b, permit))),
+                        Err(e) => Err(e),
+                    });
+                }
+            }
+        }
+    }
+}

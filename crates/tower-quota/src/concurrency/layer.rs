@@ -1,0 +1,305 @@
+use super::ConcurrencyLimit;
+use super::limiter::{Aimd, Limiter, Policy};
+use crate::classify::{Classify, DefaultClassifier};
+use crate::partition::{ApiKey, PartitionKey, Partitioner};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedSemaphorePermit;
+use tower::Layer;
+
+/// The slots one request holds: its partition's, and the global cap's when there is one.
+pub(crate) struct Permit {
+    held: [Option<(Arc<Limiter>, OwnedSemaphorePermit)>; 2],
+}
+
+impl Permit {
+    pub(crate) fn new() -> Self {
+        Self { held: [None, None] }
+    }
+
+    pub(crate) fn push(&mut self, limiter: Arc<Limiter>, permit: OwnedSemaphorePermit) {
+        let slot = if self.held[0].is_none() { 0 } else { 1 };
+        self.held[slot] = Some((limiter, permit));
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        for (limiter, permit) in self.held.iter_mut().filter_map(Option::take) {
+            limiter.release(permit);
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Permit")
+    }
+}
+
+enum Mode {
+    Shared(Arc<Limiter>),
+    Partitioned {
+        policy: Policy,
+        limiters: Mutex<HashMap<PartitionKey, Arc<Limiter>>>,
+        max_partitions: usize,
+    },
+}
+
+pub(crate) struct Shared {
+    mode: Mode,
+    global: Option<Arc<Limiter>>,
+    pub(crate) partitioner: Arc<dyn Partitioner>,
+    pub(crate) classifier: Arc<dyn Classify>,
+}
+
+impl Shared {
+    /// The limiters a request of partition `p` must pass, in acquisition order.
+    pub(crate) fn limiters(&self, p: PartitionKey) -> [Option<Arc<Limiter>>; 2] {
+        let own = match &self.mode {
+            Mode::Shared(l) => l.clone(),
+            Mode::Partitioned {
+                policy,
+                limiters,
+                max_partitions,
+            } => {
+                let mut map = limiters.lock().unwrap_or_else(|e| e.into_inner());
+                if !map.contains_key(&p) && map.len() >= *max_partitions {
+                    map.retain(|_, l| Arc::strong_count(l) > 1 || !l.is_idle());
+                }
+                map.entry(p)
+                    .or_insert_with(|| Limiter::new(*policy))
+                    .clone()
+            }
+        };
+        [Some(own), self.global.clone()]
+    }
+
+    fn all(&self) -> Vec<Arc<Limiter>> {
+        let mut v = match &self.mode {
+            Mode::Shared(l) => vec![l.clone()],
+            Mode::Partitioned { limiters, .. } => limiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+        };
+        if let Some(g) = &self.global {
+            v.push(g.clone());
+        }
+        v
+    }
+}
+
+/// Caps the requests in flight, fixed or adaptive, shared by every clone and every service the
+/// layer makes. See the [module docs](super).
+#[derive(Clone)]
+#[must_use]
+pub struct ConcurrencyLimitLayer {
+    shared: Arc<Shared>,
+    config: Config,
+}
+
+#[derive(Clone)]
+struct Config {
+    policy: Policy,
+    per_partition: Option<usize>,
+    global_cap: Option<usize>,
+    partitioner: Arc<dyn Partitioner>,
+    classifier: Arc<dyn Classify>,
+}
+
+impl ConcurrencyLimitLayer {
+    /// Default bound on the partitions tracked at once (idle ones beyond it are forgotten).
+    pub const DEFAULT_MAX_PARTITIONS: usize = 10_000;
+
+    fn from_config(config: Config) -> Self {
+        let mode = match config.per_partition {
+            None => Mode::Shared(Limiter::new(config.policy)),
+            Some(max_partitions) => Mode::Partitioned {
+                policy: config.policy,
+                limiters: Mutex::new(HashMap::new()),
+                max_partitions,
+            },
+        };
+        Self {
+            shared: Arc::new(Shared {
+                mode,
+                global: config.global_cap.map(|c| Limiter::new(Policy::Fixed(c))),
+                partitioner: config.partitioner.clone(),
+                classifier: config.classifier.clone(),
+            }),
+            config,
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut c = self.config;
+        f(&mut c);
+        Self::from_config(c)
+    }
+
+    fn build(policy: Policy) -> Self {
+        Self::from_config(Config {
+            policy,
+            per_partition: None,
+            global_cap: None,
+            partitioner: Arc::new(ApiKey),
+            classifier: Arc::new(DefaultClassifier),
+        })
+    }
+
+    /// At most `limit` requests in flight.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0 (nothing could ever be sent).
+    pub fn fixed(limit: usize) -> Self {
+        assert!(limit > 0, "a concurrency limit of 0 admits nothing");
+        Self::build(Policy::Fixed(limit))
+    }
+
+    /// An adaptive AIMD limit (see [`Aimd`]; `Aimd::default()` is a good start).
+    pub fn adaptive(aimd: Aimd) -> Self {
+        Self::build(Policy::Aimd(aimd))
+    }
+
+    /// One limit per partition (API key by default) instead of one for all, each following the
+    /// policy on its own, at most `max_partitions` tracked at once (idle ones beyond are forgotten).
+    ///
+    /// Builder methods start fresh shared state: configure the layer before you clone it.
+    pub fn per_partition(self, max_partitions: usize) -> Self {
+        self.with(|c| c.per_partition = Some(max_partitions.max(1)))
+    }
+
+    /// A fixed cap across all partitions, on top of each partition's own limit.
+    ///
+    /// # Panics
+    ///
+    /// If `cap` is 0.
+    pub fn global_cap(self, cap: usize) -> Self {
+        assert!(cap > 0, "a global cap of 0 admits nothing");
+        self.with(|c| c.global_cap = Some(cap))
+    }
+
+    /// How requests map to partitions (with [`per_partition`](Self::per_partition)).
+    pub fn partitioner(self, p: impl Partitioner) -> Self {
+        self.with(|c| c.partitioner = Arc::new(p))
+    }
+
+    /// Which outcomes count as back-pressure (through [`Outcome::is_backpressure`]).
+    ///
+    /// [`Outcome::is_backpressure`]: crate::classify::Outcome::is_backpressure
+    pub fn classifier(self, classify: impl Classify) -> Self {
+        self.with(|c| c.classifier = Arc::new(classify))
+    }
+
+    /// A read-only view of the layer's live state.
+    pub fn handle(&self) -> ConcurrencyHandle {
+        ConcurrencyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for ConcurrencyLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.handle(), f)
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLimitLayer {
+    type Service = ConcurrencyLimit<S>;
+
+    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
+        ConcurrencyLimit::new(inner, self.shared.clone())
+    }
+}
+
+/// A cheap, read-only view of a [`ConcurrencyLimitLayer`]'s state, summed over its partitions.
+#[derive(Clone)]
+pub struct ConcurrencyHandle {
+    shared: Arc<Shared>,
+}
+
+impl ConcurrencyHandle {
+    /// Requests holding a slot (responses still streaming included).
+    pub fn in_flight(&self) -> usize {
+        match &self.shared.mode {
+            Mode::Shared(l) => l.in_flight.load(Ordering::SeqCst),
+            Mode::Partitioned { .. } => self
+                .partition_limiters()
+                .iter()
+                .map(|l| l.in_flight.load(Ordering::SeqCst))
+                .sum(),
+        }
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.shared
+            .all()
+            .iter()
+            .map(|l| l.queued.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// The current limit (summed over tracked partitions in per-partition mode).
+    pub fn limit(&self) -> usize {
+        self.partition_limiters().iter().map(|l| l.limit()).sum()
+    }
+
+    /// The limit of `partition` (`None` in shared mode or when not tracked).
+    pub fn partition_limit(&self, partition: PartitionKey) -> Option<usize> {
+        match &self.shared.mode {
+            Mode::Shared(_) => None,
+            Mode::Partitioned { limiters, .. } => limiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&partition)
+                .map(|l| l.limit()),
+        }
+    }
+
+    /// Partitions tracked now.
+    pub fn partitions(&self) -> usize {
+        self.partition_limiters().len()
+    }
+
+    /// Slots free right now, over all limiters (for tests: every slot back when all is dropped).
+    pub fn available(&self) -> usize {
+        self.partition_limiters()
+            .iter()
+            .map(|l| l.semaphore().available_permits())
+            .sum()
+    }
+
+    fn partition_limiters(&self) -> Vec<Arc<Limiter>> {
+        match &self.shared.mode {
+            Mode::Shared(l) => vec![l.clone()],
+            Mode::Partitioned { limiters, .. } => limiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for ConcurrencyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyLimitLayer")
+            .field("in_flight", &self.in_flight())
+            .field("queued", &self.queued())
+            .field("limit", &self.limit())
+            .field(
+                "global_cap",
+                &self.shared.global.as_ref().map(|g| g.limit()),
+            )
+            .finish()
+    }
+}

@@ -1,0 +1,235 @@
+//! One concurrency limit: a FIFO semaphore whose size follows a fixed or an AIMD policy.
+
+use crate::classify::Outcome;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// How the limit moves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    /// A fixed number of requests in flight.
+    Fixed(usize),
+    /// Additive increase, multiplicative decrease (see [`Aimd`]).
+    Aimd(Aimd),
+}
+
+/// Adaptive limit parameters: grow by one per round trip while the limit is reached without
+/// back-pressure; multiply by `decrease_ratio` on back-pressure (429, 529/503, timeouts), at most
+/// once per round trip; stay within `[min, max]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Aimd {
+    /// The starting limit. Default 8: enough to fill a small quota's burst without flooding it.
+    pub initial: usize,
+    /// The floor. Default 1.
+    pub min: usize,
+    /// The ceiling. Default 200 (Vector's).
+    pub max: usize,
+    /// The factor applied on back-pressure. Default 0.9 (Vector's, gentler than TCP's 0.5, since a
+    /// 429 says "a little less", not "the path is congested").
+    pub decrease_ratio: f64,
+}
+
+impl Default for Aimd {
+    fn default() -> Self {
+        Self {
+            initial: 8,
+            min: 1,
+            max: 200,
+            decrease_ratio: 0.9,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    /// Permits in existence (available plus held), debt included.
+    issued: usize,
+    /// Permits to forget as they come back, because the limit went down while they were held.
+    debt: usize,
+    last_decrease: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    sem: Arc<Semaphore>,
+    policy: Policy,
+    state: Mutex<State>,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) queued: AtomicUsize,
+}
+
+impl Limiter {
+    pub(crate) fn new(policy: Policy) -> Arc<Self> {
+        let initial = match policy {
+            Policy::Fixed(n) => n,
+            Policy::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
+        };
+        Arc::new(Self {
+            sem: Arc::new(Semaphore::new(initial)),
+            policy,
+            state: Mutex::new(State {
+                limit: initial as f64,
+                issued: initial,
+                debt: 0,
+                last_decrease: None,
+                rtt: None,
+            }),
+            in_flight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current limit (whole requests).
+    pub(crate) fn limit(&self) -> usize {
+        self.lock().limit as usize
+    }
+
+    /// Whether nothing is held or waiting (the limiter may be forgotten).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.queued.load(Ordering::SeqCst) == 0
+    }
+
+    pub(crate) fn semaphore(&self) -> Arc<Semaphore> {
+        self.sem.clone()
+    }
+
+    /// Called with a permit just acquired: counts it in flight; returns whether the limit is
+    /// reached (the signal that allows growth).
+    pub(crate) fn acquired(&self) -> bool {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        n >= self.limit()
+    }
+
+    /// Returns a permit: forgets it if the limit shrank while it was held.
+    pub(crate) fn release(&self, permit: OwnedSemaphorePermit) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mut s = self.lock();
+        if s.debt > 0 {
+            s.debt -= 1;
+            s.issued -= 1;
+            permit.forget();
+        } else {
+            drop(s);
+            drop(permit);
+        }
+    }
+
+    /// Feeds one attempt's outcome and round-trip time to the policy.
+    pub(crate) fn observe(&self, outcome: Outcome, rtt: Duration, saturated: bool) {
+        let Policy::Aimd(a) = self.policy else { return };
+        let now = Instant::now();
+        let mut s = self.lock();
+        let smoothed = match s.rtt {
+            None => rtt,
+            Some(prev) => prev.mul_f64(0.8) + rtt.mul_f64(0.2),
+        };
+        s.rtt = Some(smoothed);
+        let (min, max) = (a.min.max(1) as f64, a.max.max(1) as f64);
+        if outcome.is_backpressure() {
+            let recent = s
+                .last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < smoothed);
+            if !recent {
+                s.limit = (s.limit * a.decrease_ratio).max(min);
+                s.last_decrease = Some(now);
+                tracing::debug!(limit = s.limit, ?outcome, "concurrency: decrease");
+            }
+        } else if outcome == Outcome::Success && saturated {
+            // +1/limit per response: about +1 per round trip while every slot is busy.
+            s.limit = (s.limit + 1.0 / s.limit).min(max);
+        }
+        self.resize(&mut s);
+    }
+
+    fn resize(&self, s: &mut State) {
+        let target = s.limit.floor().max(1.0) as usize;
+        let live = s.issued - s.debt;
+        if target > live {
+            // Pay off debt first, then add permits.
+            let mut grow = target - live;
+            let from_debt = grow.min(s.debt);
+            s.debt -= from_debt;
+            grow -= from_debt;
+            if grow > 0 {
+                self.sem.add_permits(grow);
+                s.issued += grow;
+            }
+        } else if target < live {
+            let mut shrink = live - target;
+            while shrink > 0 {
+                match self.sem.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        p.forget();
+                        s.issued -= 1;
+                        shrink -= 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            s.debt += shrink;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn aimd_grows_when_saturated_and_shrinks_on_backpressure() {
+        let l = Limiter::new(Policy::Aimd(Aimd {
+            initial: 4,
+            min: 2,
+            max: 6,
+            decrease_ratio: 0.5,
+        }));
+        let rtt = Duration::from_millis(100);
+        for _ in 0..40 {
+            l.observe(Outcome::Success, rtt, true);
+        }
+        assert_eq!(l.limit(), 6);
+        assert_eq!(l.sem.available_permits(), 6);
+        // Unsaturated successes do not grow it.
+        l.observe(Outcome::RateLimited, rtt, false);
+        assert_eq!(l.limit(), 3);
+        // A second 429 within the same round trip does not shrink it again.
+        l.observe(Outcome::RateLimited, rtt, false);
+        assert_eq!(l.limit(), 3);
+        tokio::time::advance(rtt).await;
+        l.observe(Outcome::Overloaded, rtt, false);
+        assert_eq!(l.limit(), 2);
+        assert_eq!(l.sem.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn shrinking_while_permits_are_held_forgets_them_on_release() {
+        let l = Limiter::new(Policy::Aimd(Aimd {
+            initial: 4,
+            min: 1,
+            max: 4,
+            decrease_ratio: 0.5,
+        }));
+        let held: Vec<_> = (0..4)
+            .map(|_| l.sem.clone().try_acquire_owned().unwrap())
+            .collect();
+        for _ in 0..4 {
+            l.acquired();
+        }
+        l.observe(Outcome::RateLimited, Duration::from_millis(1), false);
+        assert_eq!(l.limit(), 2);
+        for p in held {
+            l.release(p);
+        }
+        assert_eq!(l.sem.available_permits(), 2);
+        assert!(l.is_idle());
+    }
+}

@@ -1,0 +1,84 @@
+use super::ConcurrencyLimitLayer;
+use super::body::ConcurrencyBody;
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use crate::BoxError;
+use crate::partition::partition_of;
+use http::{Request, Response};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::Service;
+
+/// The service [`ConcurrencyLimitLayer`] makes. See the [module docs](super).
+///
+/// It is always ready: the slot is acquired inside the response future, because which limit
+/// applies depends on the request's partition. The inner service is made ready only once the slot
+/// is held.
+pub struct ConcurrencyLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> ConcurrencyLimit<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// A fixed-limit layer ([`ConcurrencyLimitLayer::fixed`]).
+    pub fn layer(limit: usize) -> ConcurrencyLimitLayer {
+        ConcurrencyLimitLayer::fixed(limit)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for ConcurrencyLimit<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ConcurrencyLimit<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyLimit")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for ConcurrencyLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ConcurrencyBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let p = partition_of(&*self.shared.partitioner, &req);
+        let limiters = self.shared.limiters(p);
+        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), limiters)
+    }
+}
