@@ -38,6 +38,8 @@ struct Shared {
     start: Instant,
     wall_start: SystemTime,
     in_flight: Arc<AtomicUsize>,
+    /// The server-side concurrency cap (0: none); changeable while running.
+    max_concurrency: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -110,12 +112,14 @@ impl Simulator {
     /// A simulator with `config`. Call it inside a tokio runtime (its clock starts now).
     pub fn new(config: SimConfig) -> Self {
         let rng = StdRng::seed_from_u64(config.seed);
+        let cap = config.max_concurrency.unwrap_or(0);
         Self {
             shared: Arc::new(Shared {
                 config,
                 start: Instant::now(),
                 wall_start: SystemTime::now(),
                 in_flight: Arc::new(AtomicUsize::new(0)),
+                max_concurrency: AtomicUsize::new(cap),
                 state: Mutex::new(State {
                     keys: HashMap::new(),
                     rng,
@@ -135,6 +139,13 @@ impl Simulator {
     /// advance with virtual time in paused tests.
     pub fn wall_now(&self) -> SystemTime {
         self.shared.wall_start + Instant::now().saturating_duration_since(self.shared.start)
+    }
+
+    /// Changes the server-side concurrency cap while running (`None`: no cap).
+    pub fn set_max_concurrency(&self, cap: Option<usize>) {
+        self.shared
+            .max_concurrency
+            .store(cap.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// Requests being answered right now (streams count until their body ends).
@@ -291,9 +302,8 @@ impl Simulator {
                 HeaderMap::new(),
             );
         }
-        let over_cap = cfg
-            .max_concurrency
-            .is_some_and(|cap| self.in_flight() >= cap);
+        let cap = self.shared.max_concurrency.load(Ordering::SeqCst);
+        let over_cap = cap > 0 && self.in_flight() >= cap;
         if draw(faults.overload) || over_cap {
             record.outcome = AuditOutcome::Overloaded;
             return reply(

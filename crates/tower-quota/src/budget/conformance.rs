@@ -58,9 +58,11 @@ pub async fn all_or_none(store: &dyn BudgetStore, namespace: u64) {
     let p = partition(namespace, 1);
     let limits = Limits::new().rpm(10).itpm(100);
     let s = scope(p, limits);
-    assert_eq!(
-        reserve(store, &s, Cost::new(60, 0)).await,
-        Admission::Granted,
+    assert!(
+        matches!(
+            reserve(store, &s, Cost::new(60, 0)).await,
+            Admission::Granted { .. }
+        ),
         "all_or_none: first"
     );
     match reserve(store, &s, Cost::new(60, 0)).await {
@@ -110,9 +112,11 @@ pub async fn wait_time(store: &dyn BudgetStore, namespace: u64) {
     let p = partition(namespace, 3);
     let s = scope(p, Limits::new().rpm(60));
     for _ in 0..60 {
-        assert_eq!(
-            reserve(store, &s, Cost::new(0, 0)).await,
-            Admission::Granted,
+        assert!(
+            matches!(
+                reserve(store, &s, Cost::new(0, 0)).await,
+                Admission::Granted { .. }
+            ),
             "wait_time: burst"
         );
     }
@@ -131,9 +135,11 @@ pub async fn adjust(store: &dyn BudgetStore, namespace: u64) {
     let p = partition(namespace, 4);
     let limits = Limits::new().otpm(100);
     let s = scope(p, limits);
-    assert_eq!(
-        reserve(store, &s, Cost::new(0, 100)).await,
-        Admission::Granted,
+    assert!(
+        matches!(
+            reserve(store, &s, Cost::new(0, 100)).await,
+            Admission::Granted { .. }
+        ),
         "adjust: reserve"
     );
     near(
@@ -278,14 +284,14 @@ pub async fn global_scope(store: &dyn BudgetStore, namespace: u64) {
             },
         ]
     };
-    assert_eq!(
+    assert!(matches!(
         reserve(store, &scopes(1), Cost::new(0, 0)).await,
-        Admission::Granted
-    );
-    assert_eq!(
+        Admission::Granted { .. }
+    ));
+    assert!(matches!(
         reserve(store, &scopes(2), Cost::new(0, 0)).await,
-        Admission::Granted
-    );
+        Admission::Granted { .. }
+    ));
     match reserve(store, &scopes(3), Cost::new(0, 0)).await {
         Admission::Wait { partition, .. } => assert_eq!(partition, global, "global_scope: binds"),
         other => panic!("global_scope: expected a wait, got {other:?}"),
@@ -308,10 +314,10 @@ pub async fn global_scope(store: &dyn BudgetStore, namespace: u64) {
 pub async fn limits_change(store: &dyn BudgetStore, namespace: u64) {
     let p = partition(namespace, 7);
     let s10 = scope(p, Limits::new().rpm(10));
-    assert_eq!(
+    assert!(matches!(
         reserve(store, &s10, Cost::new(0, 0)).await,
-        Admission::Granted
-    );
+        Admission::Granted { .. }
+    ));
     near(
         "limits_change: before",
         level(store, p, Limits::new().rpm(10), Bucket::Requests).await,

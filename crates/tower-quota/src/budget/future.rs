@@ -86,23 +86,23 @@ where
     };
     let scopes = shared.scopes(partition);
 
-    {
+    let (charged, probe) = {
         shared.queued.fetch_add(1, Ordering::SeqCst);
         let _queued = Queued(&shared);
         let (own, global) = shared.turns(partition);
         // The semaphores are never closed.
-        let _turn = own.acquire_owned().await?;
+        let turn = own.queue.clone().acquire_owned().await?;
         // The global turn is held only while the global cap is what binds: a request waiting for
         // its own key's refill must not hold up the other keys.
         let mut global_turn = None;
-        loop {
+        let charged = loop {
             if global_turn.is_none() {
                 if let Some(g) = &global {
                     global_turn = Some(g.clone().acquire_owned().await?);
                 }
             }
             match shared.store.reserve(&scopes, cost).await? {
-                Admission::Granted => break,
+                Admission::Granted { charged } => break charged,
                 Admission::TooLarge {
                     partition,
                     bucket,
@@ -141,11 +141,18 @@ where
                     tokio::time::sleep(retry_in).await;
                 }
             }
-        }
-    }
+        };
+        // While some limit is neither configured nor learned, the first request of a partition
+        // is a probe: it keeps the turn until its response has taught the store the limits, so
+        // the queue behind it is not admitted blind.
+        let probe =
+            (shared.learn && !own.probed.load(Ordering::SeqCst) && shared.has_unset_limits())
+                .then_some((turn, own));
+        (charged, probe)
+    };
     shared.admitted.fetch_add(1, Ordering::Relaxed);
 
-    let handle = ReservationHandle::new(shared.store.clone(), scopes, partition, cost);
+    let handle = ReservationHandle::new(shared.store.clone(), scopes, partition, cost, charged);
     let not_sent = NotSent::new(handle.clone());
     let mut svc = svc;
     let ready = svc.ready().await.map_err(Into::into)?;
@@ -185,6 +192,10 @@ where
                 }
             });
         }
+    }
+    if let Some((turn, queue)) = probe {
+        queue.probed.store(true, Ordering::SeqCst);
+        drop(turn);
     }
     if !res.status().is_success() {
         // The server refused the request: it used nothing.

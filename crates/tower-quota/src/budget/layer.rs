@@ -6,7 +6,7 @@ use crate::partition::{ApiKey, PartitionKey, Partitioner};
 use crate::signals::{SystemClock, WallClock};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -23,14 +23,38 @@ pub(crate) struct Shared {
     pub(crate) max_wait: Option<Duration>,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
-    turns: Mutex<HashMap<PartitionKey, Arc<Semaphore>>>,
+    turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
     max_partitions: usize,
     pub(crate) queued: AtomicUsize,
     pub(crate) waits: AtomicU64,
     pub(crate) admitted: AtomicU64,
 }
 
+/// A partition's FIFO queue: one turn, held by the request that asks the store.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub(crate) queue: Arc<Semaphore>,
+    /// Whether a response of this partition has been seen (limits could be learned).
+    pub(crate) probed: AtomicBool,
+}
+
+impl Queue {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            queue: Arc::new(Semaphore::new(1)),
+            probed: AtomicBool::new(false),
+        })
+    }
+}
+
 impl Shared {
+    /// Whether some bucket has no configured limit (so it may have to be learned).
+    pub(crate) fn has_unset_limits(&self) -> bool {
+        crate::signals::Bucket::ALL
+            .iter()
+            .any(|&b| self.limits.get(b).is_none())
+    }
+
     /// The scopes a request of partition `p` draws on.
     pub(crate) fn scopes(&self, p: PartitionKey) -> Arc<[Scope]> {
         let own = Scope {
@@ -51,20 +75,21 @@ impl Shared {
 
     /// The FIFO turns a request of partition `p` takes, in order: its partition's, then the global
     /// cap's. Only the holder of the turns asks the store.
-    pub(crate) fn turns(&self, p: PartitionKey) -> (Arc<Semaphore>, Option<Arc<Semaphore>>) {
+    pub(crate) fn turns(&self, p: PartitionKey) -> (Arc<Queue>, Option<Arc<Semaphore>>) {
         let mut map = self.turns.lock().unwrap_or_else(|e| e.into_inner());
         if !map.contains_key(&p) && map.len() >= self.max_partitions {
-            map.retain(|k, s| {
-                *k == PartitionKey::GLOBAL || Arc::strong_count(s) > 1 || s.available_permits() == 0
+            map.retain(|k, q| {
+                *k == PartitionKey::GLOBAL
+                    || Arc::strong_count(q) > 1
+                    || Arc::strong_count(&q.queue) > 1
+                    || q.queue.available_permits() == 0
             });
         }
-        let own = map
-            .entry(p)
-            .or_insert_with(|| Arc::new(Semaphore::new(1)))
-            .clone();
+        let own = map.entry(p).or_insert_with(Queue::new).clone();
         let global = self.global.map(|_| {
             map.entry(PartitionKey::GLOBAL)
-                .or_insert_with(|| Arc::new(Semaphore::new(1)))
+                .or_insert_with(Queue::new)
+                .queue
                 .clone()
         });
         (own, global)

@@ -97,8 +97,8 @@ pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;
 pub use store::{
-    Admission, BudgetStore, Delta, Learned, MemoryStore, Scope, Snapshot, StoreError, StoreFuture,
-    WaitReason,
+    Admission, BudgetStore, Charged, Delta, Learned, MemoryStore, Scope, Snapshot, StoreError,
+    StoreFuture, WaitReason,
 };
 
 pub use crate::signals::Bucket;

@@ -1,5 +1,5 @@
 use super::Cost;
-use super::store::{BudgetStore, Delta, Scope};
+use super::store::{BudgetStore, Charged, Delta, Scope};
 use crate::partition::PartitionKey;
 use std::fmt;
 use std::future::Future;
@@ -28,6 +28,7 @@ struct Ledger {
     scopes: Arc<[Scope]>,
     partition: PartitionKey,
     estimate: Cost,
+    charged: Charged,
     settled: Mutex<Option<Cost>>,
 }
 
@@ -44,12 +45,14 @@ impl ReservationHandle {
         scopes: Arc<[Scope]>,
         partition: PartitionKey,
         estimate: Cost,
+        charged: Charged,
     ) -> Self {
         Self(Arc::new(Ledger {
             store,
             scopes,
             partition,
             estimate,
+            charged,
             settled: Mutex::new(None),
         }))
     }
@@ -92,7 +95,10 @@ impl ReservationHandle {
             }
             *s = Some(actual);
         }
-        let delta = Delta::between(self.0.estimate, actual);
+        let delta = Delta {
+            only: self.0.charged,
+            ..Delta::between(self.0.estimate, actual)
+        };
         if !delta.is_zero() {
             let ledger = self.0.clone();
             drive(async move {

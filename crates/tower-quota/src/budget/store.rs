@@ -50,11 +50,48 @@ pub enum WaitReason {
     Cooldown,
 }
 
+/// Which buckets of which scopes a reservation was charged to: bit `4 * scope + bucket` (scope as
+/// its index in the slice, bucket as its index in [`Bucket::ALL`]). A bucket that did not exist
+/// when the request was admitted (its limit not known yet) is not charged, so it must not be
+/// refunded or settled either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Charged(pub u16);
+
+impl Charged {
+    /// Every bucket of every scope.
+    pub const ALL: Charged = Charged(u16::MAX);
+    /// No bucket.
+    pub const NONE: Charged = Charged(0);
+
+    /// Whether bucket `b` of scope number `scope` is included.
+    pub fn contains(self, scope: usize, b: Bucket) -> bool {
+        scope < 4 && self.0 & (1 << (4 * scope + b as usize)) != 0
+    }
+
+    /// This set with bucket `b` of scope number `scope` added.
+    pub fn with(self, scope: usize, b: Bucket) -> Self {
+        if scope < 4 {
+            Charged(self.0 | 1 << (4 * scope + b as usize))
+        } else {
+            self
+        }
+    }
+}
+
+impl Default for Charged {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
 /// The answer to a reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Reserved from every bucket of every scope.
-    Granted,
+    /// Reserved from every bucket of every scope that exists.
+    Granted {
+        /// The buckets charged.
+        charged: Charged,
+    },
     /// Nothing was reserved; ask again after `retry_in`.
     Wait {
         /// How long until the cost fits (or the cooldown ends).
@@ -77,7 +114,8 @@ pub enum Admission {
     },
 }
 
-/// A signed change to every bucket of the scopes: negative refunds, positive charges more.
+/// A signed change to the buckets of the scopes: negative refunds, positive charges more. Only the
+/// buckets in `only` change (by default all).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     /// Requests.
@@ -86,6 +124,8 @@ pub struct Delta {
     pub input_tokens: i64,
     /// Output tokens.
     pub output_tokens: i64,
+    /// The buckets it applies to.
+    pub only: Charged,
 }
 
 impl Delta {
@@ -96,6 +136,7 @@ impl Delta {
             requests: d(actual.requests, estimate.requests),
             input_tokens: d(actual.input_tokens, estimate.input_tokens),
             output_tokens: d(actual.output_tokens, estimate.output_tokens),
+            only: Charged::ALL,
         }
     }
 
@@ -116,7 +157,8 @@ impl Delta {
 
     /// Whether it changes nothing.
     pub fn is_zero(&self) -> bool {
-        *self == Self::default()
+        (self.requests, self.input_tokens, self.output_tokens) == (0, 0, 0)
+            || self.only == Charged::NONE
     }
 }
 
@@ -391,24 +433,29 @@ impl MemoryStore {
                 reason,
             };
         }
-        for scope in scopes {
+        let mut charged = Charged::NONE;
+        for (i, scope) in scopes.iter().enumerate() {
             let part = self.entry(&mut map, scope.partition, now);
             for b in Bucket::ALL {
                 if let Some(level) = part.level(&scope.limits, b, now) {
                     level.level -= cost.of(b) as f64;
+                    charged = charged.with(i, b);
                 }
             }
         }
-        Admission::Granted
+        Admission::Granted { charged }
     }
 
     /// The synchronous adjustment.
     pub fn adjust_now(&self, scopes: &[Scope], delta: Delta) {
         let now = Instant::now();
         let mut map = self.lock();
-        for scope in scopes {
+        for (i, scope) in scopes.iter().enumerate() {
             let part = self.entry(&mut map, scope.partition, now);
             for b in Bucket::ALL {
+                if !delta.only.contains(i, b) {
+                    continue;
+                }
                 if let Some(level) = part.level(&scope.limits, b, now) {
                     let cap = level.limit.capacity() as f64;
                     level.level = (level.at(now) - delta.of(b) as f64).min(cap);

@@ -123,6 +123,9 @@ where
                         None => match limiter.semaphore().try_acquire_owned() {
                             Ok(p) => Ok(p),
                             Err(_) => {
+                                if *this.next == 0 {
+                                    *this.saturated = true;
+                                }
                                 limiter.queued.fetch_add(1, Ordering::SeqCst);
                                 let acquire: Acquire =
                                     Box::pin(limiter.semaphore().acquire_owned());
@@ -133,9 +136,12 @@ where
                     };
                     // The semaphores are never closed.
                     let permit = permit.map_err(|e| -> BoxError { Box::new(e) })?;
-                    let saturated = limiter.acquired();
+                    let reached = limiter.acquired();
                     if *this.next == 0 {
-                        *this.saturated = saturated;
+                        // Demand exceeds the limit if the slot was full when we came, or if we had
+                        // to queue for it (with lockstep completions the in-flight count dips
+                        // below the limit between a release and the next acquire).
+                        *this.saturated |= reached;
                     }
                     if let Some(p) = this.permit.as_mut() {
                         p.push(limiter, permit);

@@ -228,6 +228,10 @@ pub struct ConcurrencyHandle {
 impl ConcurrencyHandle {
     /// Requests holding a slot (responses still streaming included).
     pub fn in_flight(&self) -> usize {
+        // With a global cap, a request is in flight once it holds the global slot too.
+        if let Some(g) = &self.shared.global {
+            return g.in_flight.load(Ordering::SeqCst);
+        }
         match &self.shared.mode {
             Mode::Shared(l) => l.in_flight.load(Ordering::SeqCst),
             Mode::Partitioned { .. } => self

@@ -66,3 +66,6 @@ pub use body::ConcurrencyBody;
 pub use layer::{ConcurrencyHandle, ConcurrencyLimitLayer};
 pub use limiter::{Aimd, Policy};
 pub use service::ConcurrencyLimit;
+
+#[cfg(test)]
+mod tests;
