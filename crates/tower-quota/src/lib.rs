@@ -49,6 +49,7 @@ pub mod partition;
 pub mod retry;
 pub mod retry_after;
 pub mod signals;
+mod wire;
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

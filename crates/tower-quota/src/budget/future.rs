@@ -11,6 +11,7 @@ use crate::BoxError;
 use crate::classify::{Outcome, TransportKind};
 use crate::partition::PartitionKey;
 use crate::signals::Signals;
+use crate::wire::WireMark;
 use http::{Request, Response, StatusCode};
 use std::fmt;
 use std::future::Future;
@@ -153,13 +154,18 @@ where
     shared.admitted.fetch_add(1, Ordering::Relaxed);
 
     let handle = ReservationHandle::new(shared.store.clone(), scopes, partition, cost, charged);
-    let not_sent = NotSent::new(handle.clone());
+    let mark = WireMark::default();
+    let mut req = req;
+    req.extensions_mut().insert(mark.clone());
+    let mut not_sent = NotSent::new(handle.clone(), mark);
     let mut svc = svc;
     let ready = svc.ready().await.map_err(Into::into)?;
     let fut = ready.call(req);
-    not_sent.sent();
+    not_sent.handed_on();
+    let result = fut.await.map_err(Into::into);
+    not_sent.answered();
 
-    let mut res = match fut.await.map_err(Into::into) {
+    let mut res = match result {
         Ok(res) => res,
         Err(e) => {
             let verdict = shared.classifier.classify_error(&*e);

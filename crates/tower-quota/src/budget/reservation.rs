@@ -1,6 +1,7 @@
 use super::Cost;
 use super::store::{BudgetStore, Charged, Delta, Scope};
 use crate::partition::PartitionKey;
+use crate::wire::WireMark;
 use std::fmt;
 use std::future::Future;
 
@@ -122,23 +123,41 @@ impl fmt::Debug for ReservationHandle {
     }
 }
 
-/// Refunds a reservation whose request was never sent, when dropped before [`NotSent::sent`].
-pub(crate) struct NotSent(Option<ReservationHandle>);
+/// Refunds a reservation whose request never left, when dropped before [`NotSent::answered`]:
+/// not handed to the inner service yet, or still held in a queue of this crate's layers inside
+/// (see [`WireMark`]).
+pub(crate) struct NotSent {
+    handle: Option<ReservationHandle>,
+    mark: WireMark,
+    handed_on: bool,
+}
 
 impl NotSent {
-    pub(crate) fn new(h: ReservationHandle) -> Self {
-        Self(Some(h))
+    pub(crate) fn new(handle: ReservationHandle, mark: WireMark) -> Self {
+        Self {
+            handle: Some(handle),
+            mark,
+            handed_on: false,
+        }
     }
 
-    pub(crate) fn sent(mut self) {
-        self.0 = None;
+    /// The request was handed to the inner service.
+    pub(crate) fn handed_on(&mut self) {
+        self.handed_on = true;
+    }
+
+    /// The inner service answered: from here the response decides.
+    pub(crate) fn answered(mut self) {
+        self.handle = None;
     }
 }
 
 impl Drop for NotSent {
     fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            h.refund();
+        if let Some(h) = self.handle.take() {
+            if !self.handed_on || !self.mark.maybe_sent() {
+                h.refund();
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use super::layer::{Permit, Shared};
 use super::limiter::Limiter;
 use crate::BoxError;
 use crate::classify::Outcome;
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -30,12 +30,12 @@ impl Drop for Queued {
 
 pin_project! {
     /// Waits for a slot (FIFO), sends the request, and hands the slot to the response body.
-    pub struct ResponseFuture<S, Req>
+    pub struct ResponseFuture<S, B>
     where
-        S: Service<Req>,
+        S: Service<Request<B>>,
     {
         svc: S,
-        req: Option<Req>,
+        req: Option<Request<B>>,
         shared: Arc<Shared>,
         limiters: [Option<Arc<Limiter>>; 2],
         next: usize,
@@ -57,13 +57,13 @@ pin_project! {
     }
 }
 
-impl<S, Req> ResponseFuture<S, Req>
+impl<S, B> ResponseFuture<S, B>
 where
-    S: Service<Req>,
+    S: Service<Request<B>>,
 {
     pub(crate) fn new(
         svc: S,
-        req: Req,
+        req: Request<B>,
         shared: Arc<Shared>,
         limiters: [Option<Arc<Limiter>>; 2],
     ) -> Self {
@@ -82,9 +82,9 @@ where
     }
 }
 
-impl<S, Req> fmt::Debug for ResponseFuture<S, Req>
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
 where
-    S: Service<Req>,
+    S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
@@ -98,9 +98,9 @@ where
     }
 }
 
-impl<S, Req, ResB> Future for ResponseFuture<S, Req>
+impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
-    S: Service<Req, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<ConcurrencyBody<ResB>>, BoxError>;
@@ -151,6 +151,7 @@ where
                 StateProj::Ready => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = this.req.take().expect("request sent once");
+                    crate::wire::sent(req.extensions());
                     *this.sent_at = Some(Instant::now());
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });

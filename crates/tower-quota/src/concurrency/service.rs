@@ -70,13 +70,14 @@ where
 {
     type Response = Response<ConcurrencyBody<ResB>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Request<B>>;
+    type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        crate::wire::pending(req.extensions());
         let p = partition_of(&*self.shared.partitioner, &req);
         let limiters = self.shared.limiters(p);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), limiters)

@@ -710,6 +710,6 @@ mod prop {
         send_sync::<RetryAfterLayer>();
         fn send<T: Send>() {}
         send::<future::ResponseFuture<Script, String>>();
-        send::<crate::retry_after::future::ResponseFuture<Script, Request<String>>>();
+        send::<crate::retry_after::future::ResponseFuture<Script, String>>();
     }
 }

@@ -4,7 +4,7 @@ use super::layer::Shared;
 use super::service::too_long;
 use crate::BoxError;
 use crate::partition::PartitionKey;
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -17,12 +17,12 @@ use tower::Service;
 
 pin_project! {
     /// Waits at the partition's gate, then sends the request and reads the server's hint.
-    pub struct ResponseFuture<S, Req>
+    pub struct ResponseFuture<S, B>
     where
-        S: Service<Req>,
+        S: Service<Request<B>>,
     {
         svc: S,
-        req: Option<Req>,
+        req: Option<Request<B>>,
         shared: Arc<Shared>,
         partition: PartitionKey,
         jitter: Option<Duration>,
@@ -41,11 +41,16 @@ pin_project! {
     }
 }
 
-impl<S, Req> ResponseFuture<S, Req>
+impl<S, B> ResponseFuture<S, B>
 where
-    S: Service<Req>,
+    S: Service<Request<B>>,
 {
-    pub(crate) fn new(svc: S, req: Req, shared: Arc<Shared>, partition: PartitionKey) -> Self {
+    pub(crate) fn new(
+        svc: S,
+        req: Request<B>,
+        shared: Arc<Shared>,
+        partition: PartitionKey,
+    ) -> Self {
         Self {
             svc,
             req: Some(req),
@@ -58,9 +63,9 @@ where
     }
 }
 
-impl<S, Req> fmt::Debug for ResponseFuture<S, Req>
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
 where
-    S: Service<Req>,
+    S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
@@ -75,9 +80,9 @@ where
     }
 }
 
-impl<S, Req, ResB> Future for ResponseFuture<S, Req>
+impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
-    S: Service<Req, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResB>, BoxError>;
@@ -114,6 +119,7 @@ where
                 StateProj::Ready => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = this.req.take().expect("request sent once");
+                    crate::wire::sent(req.extensions());
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
                 }

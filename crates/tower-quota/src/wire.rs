@@ -1,0 +1,68 @@
+//! Whether a request has really left for the wire, for the budget's refunds.
+//!
+//! The budget refunds a reservation whose request was never sent. From where it sits it only sees
+//! the request handed to its inner service; but the layers inside it (the concurrency limit, the
+//! Retry-After gate) may still hold the request in a queue, and if the caller gives up there, the
+//! server never saw it. So the budget puts a [`WireMark`] in the request's extensions; each layer
+//! of this crate that holds requests marks it *pending* when it takes the request and *sent* when
+//! it hands it on. When the budget's future is dropped, a pending mark means the request is still
+//! inside one of our queues: refund. A mark nobody touched means an inner service we do not know
+//! took it: assume it was sent.
+
+use http::Extensions;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNTOUCHED: u8 = 0;
+const PENDING: u8 = 1;
+const SENT: u8 = 2;
+
+#[derive(Clone, Debug)]
+pub(crate) struct WireMark(Arc<AtomicU8>);
+
+impl Default for WireMark {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU8::new(UNTOUCHED)))
+    }
+}
+
+impl WireMark {
+    /// Whether the request may have reached the server.
+    pub(crate) fn maybe_sent(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != PENDING
+    }
+}
+
+/// A layer took the request and may hold it before sending.
+pub(crate) fn pending(ext: &Extensions) {
+    if let Some(m) = ext.get::<WireMark>() {
+        m.0.store(PENDING, Ordering::SeqCst);
+    }
+}
+
+/// A layer hands the request on.
+pub(crate) fn sent(ext: &Extensions) {
+    if let Some(m) = ext.get::<WireMark>() {
+        m.0.store(SENT, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states() {
+        let mut ext = Extensions::new();
+        let m = WireMark::default();
+        ext.insert(m.clone());
+        assert!(
+            m.maybe_sent(),
+            "untouched: an unknown inner service took it"
+        );
+        pending(&ext);
+        assert!(!m.maybe_sent());
+        sent(&ext);
+        assert!(m.maybe_sent());
+    }
+}
