@@ -1,48 +1,66 @@
 //! Cost per request of each layer on the success path, side by side with a bare service and with
-//! tower's own `Retry` (a policy that never retries, but clones the request as tower requires).
+//! tower's own layers, in one run.
 //!
 //! Run with: `cargo bench -p tower-quota --bench overhead`
+//!
+//! Every variant builds the same request (a small Messages JSON body, two headers) and awaits one
+//! call on one task of a current-thread runtime; the bare service's figure includes building the
+//! request, so the other figures minus it are each layer's own cost.
 #![allow(missing_docs)] // criterion_group! generates an undocumented function.
 
+use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
+use http_body_util::Full;
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::time::{Duration, Instant};
 use tower::retry::Policy;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_quota::budget::{Cost, Limits, TokenBudgetLayer};
+use tower_quota::concurrency::{Aimd, ConcurrencyLimitLayer};
 use tower_quota::retry::BackoffRetryLayer;
 use tower_quota::retry_after::RetryAfterLayer;
 
-fn req() -> Request<String> {
+type Body = Full<Bytes>;
+
+const JSON: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Summarise the plot of Hamlet in one line."}]}"#;
+
+fn req() -> Request<Body> {
     Request::builder()
         .uri("/v1/messages")
         .header("x-api-key", "sk-bench")
         .header("content-type", "application/json")
-        .body(String::new())
+        .body(Full::new(Bytes::from_static(JSON.as_bytes())))
         .unwrap()
 }
 
-fn ok(_req: Request<String>) -> Ready<Result<Response<()>, Infallible>> {
-    ready(Ok(Response::new(())))
+fn req_with_cost() -> Request<Body> {
+    let mut r = req();
+    r.extensions_mut().insert(Cost::new(20, 256));
+    r
+}
+
+fn ok(_req: Request<Body>) -> Ready<Result<Response<Body>, Infallible>> {
+    ready(Ok(Response::new(Full::new(Bytes::new()))))
 }
 
 /// A tower retry policy that never retries (but clones the request, as tower's `Retry` needs).
 #[derive(Clone)]
 struct Never;
 
-impl Policy<Request<String>, Response<()>, tower::BoxError> for Never {
+impl<E> Policy<Request<Body>, Response<Body>, E> for Never {
     type Future = Ready<()>;
 
     fn retry(
         &mut self,
-        _req: &mut Request<String>,
-        _result: &mut Result<Response<()>, tower::BoxError>,
+        _req: &mut Request<Body>,
+        _result: &mut Result<Response<Body>, E>,
     ) -> Option<Self::Future> {
         None
     }
 
-    fn clone_request(&mut self, req: &Request<String>) -> Option<Request<String>> {
+    fn clone_request(&mut self, req: &Request<Body>) -> Option<Request<Body>> {
         let mut r = Request::new(req.body().clone());
         *r.uri_mut() = req.uri().clone();
         *r.headers_mut() = req.headers().clone();
@@ -50,21 +68,34 @@ impl Policy<Request<String>, Response<()>, tower::BoxError> for Never {
     }
 }
 
-/// ns per request: `iters` sequential ready + call + await on one task.
-fn run<S>(rt: &tokio::runtime::Runtime, svc: S, iters: u64) -> Duration
+/// `iters` sequential ready + call + await on one task; the response is dropped at once.
+fn run<S, R>(
+    rt: &tokio::runtime::Runtime,
+    make: impl FnOnce() -> S,
+    mk_req: fn() -> Request<Body>,
+    iters: u64,
+) -> Duration
 where
-    S: Service<Request<String>, Response = Response<()>> + Clone,
+    S: Service<Request<Body>, Response = R>,
     S::Error: std::fmt::Debug,
 {
     rt.block_on(async move {
-        let mut svc = svc;
+        let mut svc = make();
         let start = Instant::now();
         for _ in 0..iters {
-            let r = svc.ready().await.unwrap().call(req()).await.unwrap();
+            let r = svc.ready().await.unwrap().call(mk_req()).await.unwrap();
             std::hint::black_box(r);
         }
         start.elapsed()
     })
+}
+
+fn big() -> Limits {
+    Limits::new()
+        .rpm(u64::MAX / 4)
+        .itpm(u64::MAX / 4)
+        .otpm(u64::MAX / 4)
+        .tpm(u64::MAX / 4)
 }
 
 fn bench(c: &mut Criterion) {
@@ -73,37 +104,133 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let mut g = c.benchmark_group("overhead");
-    // The request is built in every variant, so the bare case includes its cost too.
     g.bench_function("bare_service_fn", |b| {
-        b.iter_custom(|n| run(&rt, service_fn(ok), n))
+        b.iter_custom(|n| run(&rt, || service_fn(ok), req, n))
     });
     g.bench_function("tower_retry_never", |b| {
         b.iter_custom(|n| {
-            let svc = tower::retry::RetryLayer::new(Never).layer(service_fn(|r| async move {
-                ok(r).await.map_err(tower::BoxError::from)
-            }));
-            run(&rt, svc, n)
-        })
-    });
-    g.bench_function("retry_after", |b| {
-        b.iter_custom(|n| run(&rt, RetryAfterLayer::new().layer(service_fn(ok)), n))
-    });
-    g.bench_function("backoff_retry", |b| {
-        b.iter_custom(|n| run(&rt, BackoffRetryLayer::new().layer(service_fn(ok)), n))
-    });
-    g.bench_function("backoff_retry_no_budget", |b| {
-        b.iter_custom(|n| {
             run(
                 &rt,
-                BackoffRetryLayer::new().no_budget().layer(service_fn(ok)),
+                || tower::retry::RetryLayer::new(Never).layer(service_fn(ok)),
+                req,
                 n,
             )
         })
     });
-    g.bench_function("backoff_retry+retry_after", |b| {
+    g.bench_function("tower_concurrency_limit", |b| {
         b.iter_custom(|n| {
-            let svc = BackoffRetryLayer::new().layer(RetryAfterLayer::new().layer(service_fn(ok)));
-            run(&rt, svc, n)
+            run(
+                &rt,
+                || tower::limit::ConcurrencyLimitLayer::new(1000).layer(service_fn(ok)),
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("tower_shared_stack", |b| {
+        // The only way to share tower's rate limit across clones: ConcurrencyLimit > Retry >
+        // Buffer > RateLimit.
+        b.iter_custom(|n| {
+            let _guard = rt.enter();
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .concurrency_limit(1000)
+                        .layer(tower::retry::RetryLayer::new(Never))
+                        .buffer(1024)
+                        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
+                        .service(service_fn(ok))
+                },
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("tower_buffer_rate_limit", |b| {
+        b.iter_custom(|n| {
+            let _guard = rt.enter();
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .buffer(1024)
+                        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
+                        .service(service_fn(ok))
+                },
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("retry_after", |b| {
+        b.iter_custom(|n| run(&rt, || RetryAfterLayer::new().layer(service_fn(ok)), req, n))
+    });
+    g.bench_function("backoff_retry", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || BackoffRetryLayer::new().layer(service_fn(ok)),
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("concurrency_fixed", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || ConcurrencyLimitLayer::fixed(1000).layer(service_fn(ok)),
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("concurrency_adaptive", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || ConcurrencyLimitLayer::adaptive(Aimd::default()).layer(service_fn(ok)),
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("token_budget_cost_given", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || TokenBudgetLayer::new(big()).layer(service_fn(ok)),
+                req_with_cost,
+                n,
+            )
+        })
+    });
+    g.bench_function("token_budget_json_estimate", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || TokenBudgetLayer::new(big()).layer(service_fn(ok)),
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("full_stack", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .layer(BackoffRetryLayer::new())
+                        .layer(TokenBudgetLayer::new(big()))
+                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
+                        .layer(RetryAfterLayer::new())
+                        .service(service_fn(ok))
+                },
+                req,
+                n,
+            )
         })
     });
     g.finish();
