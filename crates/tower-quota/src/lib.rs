@@ -1,37 +1,64 @@
 //! Rate-limit-aware [tower] layers for HTTP API clients.
 //!
 //! Programs that fan out many calls to a rate-limited API (LLM APIs above all) fail with
-//! `429 Too Many Requests`: they retry at once, ignore `Retry-After`, launch unbounded concurrency
-//! and count requests but not tokens. `tower-quota` is a set of composable layers that wrap any
-//! `http::Request<B> -> http::Response<B>` service and get all of that right.
+//! `429 Too Many Requests`: they retry at once, ignore `Retry-After`, launch unbounded concurrency,
+//! count requests but not tokens, and waste quota. `tower-quota` is a set of separate, composable
+//! layers that wrap any `http::Request<B> -> http::Response<B>` service (hyper-util's client, an
+//! axum upstream, your own service) and get all of that right:
 //!
-//! This release holds the foundation every layer builds on:
+//! | layer | what it does |
+//! |---|---|
+//! | [`retry::BackoffRetryLayer`] | retries what is retryable with exponential backoff and jitter, waits for the server's hint, bounded by attempts, a deadline and a shared retry budget; replays bodies |
+//! | [`retry_after::RetryAfterLayer`] | reads `Retry-After`, `retry-after-ms` and reset headers, and pauses the whole partition (API key) until the server's time |
+//! | [`concurrency::ConcurrencyLimitLayer`] | caps requests in flight, fixed or adaptive (AIMD), shared by all clones, with the slot held until the response body ends |
+//! | [`budget::TokenBudgetLayer`] | requests, input tokens and output tokens per minute: reserve, wait in FIFO order, settle with the real usage, learn from the headers |
 //!
-//! - [`signals`]: one parser for every rate-limit header dialect (`Retry-After` in all its forms,
-//!   `retry-after-ms`, `x-should-retry`, Anthropic, OpenAI, generic and IETF headers), cached in the
-//!   response extensions;
-//! - [`classify`]: one judgement of a response or transport error (success, rate limited,
-//!   overloaded, server error, transport error, fatal), pluggable.
+//! They share one parser of server signals ([`signals`]) and one judgement of results
+//! ([`classify`]); requests are keyed by [`partition`] (a fingerprint of the API key, never the
+//! key). [`Preset::anthropic`] builds the recommended stack in one expression; the
+//! [`builder`] module explains the order.
 //!
 //! # Example
 //!
-//! ```
-//! use http::Response;
-//! use tower_quota::classify::{Classify, DefaultClassifier, Outcome};
-//! use tower_quota::signals::Signals;
+//! hyper-util's pooled client under the full stack, against the simulated API of
+//! `tower-quota-sim` on a loopback port:
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let mut res = Response::builder()
-//!     .status(429)
-//!     .header("retry-after-ms", "2500")
-//!     .body(())
-//!     .unwrap();
-//! let verdict = DefaultClassifier.classify_response(res.status(), res.headers());
-//! assert_eq!(verdict.outcome, Outcome::RateLimited);
-//! let hint = Signals::of(&mut res).hint().unwrap();
-//! assert_eq!(hint.delay.as_millis(), 2500);
-//! # }
 //! ```
+//! use bytes::Bytes;
+//! use http::Request;
+//! use http_body_util::{BodyExt, Full};
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_quota::budget::Limits;
+//! use tower_quota::{Preset, ServiceBuilderExt};
+//! use tower_quota_sim::{MessagesRequest, SimConfig, Simulator};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_quota::BoxError> {
+//! let server = tower_quota_sim::serve(Simulator::new(SimConfig::default()), "127.0.0.1:0".parse()?).await?;
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let api = ServiceBuilder::new()
+//!     .quota_stack(Preset::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000)))
+//!     .service(client);
+//!
+//! let body = MessagesRequest::user("claude-sonnet-4-5", "Hello", 64).to_bytes();
+//! let req = Request::post(format!("{}/v1/messages", server.base_url()))
+//!     .header("x-api-key", "sk-example")
+//!     .header("anthropic-version", "2023-06-01")
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(body))?;
+//! let res = api.oneshot(req).await?;
+//! assert_eq!(res.status(), 200);
+//! res.into_body().collect().await?; // reading the body settles the token reservation
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Testing under paused time
+//!
+//! Every wait goes through `tokio::time`, so stacks run deterministically and fast under
+//! `#[tokio::test(start_paused = true)]`, against `tower-quota-sim`'s in-process `Simulator`. For
+//! governor's limiters use [`clock::TokioClock`].
 //!
 //! # Minimum supported Rust version
 //!
@@ -42,6 +69,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod builder;
 pub mod classify;
 pub mod clock;
 pub mod concurrency;
@@ -50,6 +78,8 @@ pub mod retry;
 pub mod retry_after;
 pub mod signals;
 mod wire;
+
+pub use builder::{Preset, ServiceBuilderExt};
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,136 @@
+//! The goodput benchmark.
+//!
+//! Run with: `cargo run --release -p tower-quota-bench --bin goodput`
+//!
+//! Every strategy in every scenario against the in-process simulator under paused tokio time
+//! (deterministic: the same seed gives the same tables), then a bounded real-HTTP run of the main
+//! scenarios against the simulator served on a loopback port. Prints Markdown tables.
+
+use clap::Parser;
+use std::time::Duration;
+use tower_quota_bench::scenario::{Scenario, Target, run, table};
+use tower_quota_bench::strategy::Strategy;
+
+#[derive(Parser)]
+#[command(about = "Goodput of each client strategy against the simulated rate-limited API")]
+struct Args {
+    /// Requests per scenario in the in-process run.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Requests at once for the strategies that bound themselves.
+    #[arg(long, default_value_t = 200)]
+    tasks: usize,
+    /// Seed of the simulator and of the strategies' jitter.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Requests per scenario in the real-HTTP run (0 skips it).
+    #[arg(long, default_value_t = 1500)]
+    http_requests: usize,
+    /// Wall-clock cap on one real-HTTP cell, seconds.
+    #[arg(long, default_value_t = 60)]
+    http_deadline: u64,
+    /// Only these strategies (default: all).
+    #[arg(long, value_enum)]
+    strategy: Vec<Strategy>,
+    /// Print JSON lines instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let strategies = if args.strategy.is_empty() {
+        Strategy::ALL.to_vec()
+    } else {
+        args.strategy.clone()
+    };
+
+    println!(
+        "## In process, virtual time ({} requests, {} tasks, seed {})\n",
+        args.requests, args.tasks, args.seed
+    );
+    for scenario in Scenario::all(args.requests) {
+        let mut cells = Vec::new();
+        for &s in &strategies {
+            // A fresh paused runtime per cell: every cell starts at the same virtual instant.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("a runtime");
+            let cell = rt.block_on(async {
+                let target = Target::InProcess(scenario.simulator(args.seed));
+                run(&scenario, s, &target, args.tasks, args.seed, None).await
+            });
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"mode": "in-process", "scenario": scenario.name, "cell": cell})
+                );
+            }
+            cells.push(cell);
+        }
+        if !args.json {
+            println!("### {}\n\n{}", scenario.name, table(&cells));
+        }
+    }
+
+    if args.http_requests == 0 {
+        return;
+    }
+    println!(
+        "## Real HTTP on loopback ({} requests, {} tasks, at most {} s a cell)\n",
+        args.http_requests, args.tasks, args.http_deadline
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    // The main scenarios, with limits ten times higher so a cell takes seconds, not minutes.
+    let scenarios: Vec<Scenario> = Scenario::all(args.http_requests)
+        .into_iter()
+        .filter(|s| matches!(s.name, "RPM-bound" | "OTPM-bound, output 30 %"))
+        .map(|mut s| {
+            for (_, l) in &mut s.keys {
+                l.rpm = l.rpm.map(|n| n * 10);
+                l.itpm = l.itpm.map(|n| n * 10);
+                l.otpm = l.otpm.map(|n| n * 10);
+            }
+            s.sim.limits = s.keys[0].1;
+            s
+        })
+        .collect();
+    for scenario in scenarios {
+        let mut cells = Vec::new();
+        for &s in &strategies {
+            let cell = rt.block_on(async {
+                let sim = scenario.simulator(args.seed);
+                let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse().unwrap())
+                    .await
+                    .expect("a loopback port");
+                let target = Target::Http(server.base_url(), sim);
+                let cell = run(
+                    &scenario,
+                    s,
+                    &target,
+                    args.tasks,
+                    args.seed,
+                    Some(Duration::from_secs(args.http_deadline)),
+                )
+                .await;
+                server.shutdown().await;
+                cell
+            });
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"mode": "http", "scenario": scenario.name, "cell": cell})
+                );
+            }
+            cells.push(cell);
+        }
+        if !args.json {
+            println!("### {} (limits x10)\n\n{}", scenario.name, table(&cells));
+        }
+    }
+}

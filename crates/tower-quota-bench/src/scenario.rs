@@ -1,0 +1,391 @@
+//! Scenarios, the runner, and the figures of one cell (a strategy in a scenario).
+
+use crate::strategy::Strategy;
+use crate::{Base, Body, BoxError, Probe, Recorder, Req};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_quota::budget::{Limit, Limits as ClientLimits};
+use tower_quota_sim::{AuditOutcome, Faults, Limits, MessagesRequest, SimConfig, Simulator};
+
+/// The bucket whose units measure goodput.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Requests per minute binds.
+    Requests,
+    /// Input tokens per minute binds.
+    InputTokens,
+    /// Output tokens per minute binds.
+    OutputTokens,
+}
+
+/// A workload against a simulated server.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Its name in the tables.
+    pub name: &'static str,
+    /// The server's configuration (default limits ignored when `keys` is not empty).
+    pub sim: SimConfig,
+    /// The API keys used, round robin, each with the server's limits for it.
+    pub keys: Vec<(String, Limits)>,
+    /// What binds.
+    pub unit: Unit,
+    /// Requests in the burst.
+    pub requests: usize,
+    /// The prompt of every request.
+    pub prompt: String,
+    /// `max_tokens` of every request.
+    pub max_tokens: u64,
+    /// Whether the configured stack is told the limits (false: "limits unknown to the client").
+    pub limits_known: bool,
+}
+
+/// Bucket capacity as a share of the per-minute limit in every scenario: a small burst, so the
+/// figures measure the sustained rate, not how fast a client drains a full bucket.
+pub const BURST: f64 = 0.1;
+
+fn limits(rpm: u64, itpm: u64, otpm: u64) -> Limits {
+    Limits {
+        rpm: Some(rpm),
+        itpm: Some(itpm),
+        otpm: Some(otpm),
+        tpm: None,
+        burst_fraction: BURST,
+    }
+}
+
+impl Scenario {
+    /// The six scenarios of the benchmark, scaled by `requests` (2000 in the tables).
+    pub fn all(requests: usize) -> Vec<Scenario> {
+        let base = |name, l: Limits, unit, prompt: usize, max_tokens| Scenario {
+            name,
+            sim: SimConfig::new(l),
+            keys: vec![("sk-bench-a".to_owned(), l)],
+            unit,
+            requests,
+            prompt: "x".repeat(prompt),
+            max_tokens,
+            limits_known: true,
+        };
+        let rpm = base(
+            "RPM-bound",
+            limits(600, 10_000_000, 10_000_000),
+            Unit::Requests,
+            40,
+            100,
+        );
+        let mut itpm = base(
+            "ITPM-bound",
+            limits(6_000, 60_000, 10_000_000),
+            Unit::InputTokens,
+            400,
+            100,
+        );
+        itpm.name = "ITPM-bound";
+        let mut otpm = base(
+            "OTPM-bound, output 30 %",
+            limits(6_000, 10_000_000, 60_000),
+            Unit::OutputTokens,
+            40,
+            200,
+        );
+        otpm.sim = otpm.sim.with_output_fraction(0.3);
+        let mut unknown = rpm.clone();
+        unknown.name = "limits unknown to the client";
+        unknown.limits_known = false;
+        let mut overload = rpm.clone();
+        overload.name = "10 % 529 overload";
+        overload.sim = overload.sim.with_faults(Faults {
+            overload: 0.1,
+            ..Faults::default()
+        });
+        let mut three = rpm.clone();
+        three.name = "three keys";
+        three.keys = vec![
+            ("sk-bench-a".into(), limits(300, 10_000_000, 10_000_000)),
+            ("sk-bench-b".into(), limits(600, 10_000_000, 10_000_000)),
+            ("sk-bench-c".into(), limits(900, 10_000_000, 10_000_000)),
+        ];
+        vec![rpm, itpm, otpm, unknown, overload, three]
+    }
+
+    /// The simulator for this scenario, `seed`ed.
+    pub fn simulator(&self, seed: u64) -> Simulator {
+        let mut cfg = self.sim.clone().with_seed(seed);
+        for (k, l) in &self.keys {
+            cfg = cfg.with_key(k.clone(), *l);
+        }
+        Simulator::new(cfg)
+    }
+
+    /// What the configured stack is told (the first key's limits: in the three-key scenario each
+    /// key differs, so the configured stack gets each key's limits through a per-key estimator of
+    /// nothing and learns the rest; see [`Scenario::client_limits`]).
+    pub fn client_limits(&self) -> Option<ClientLimits> {
+        if !self.limits_known || self.keys.len() > 1 {
+            return None;
+        }
+        let l = self.keys[0].1;
+        let lim = |n: Option<u64>| {
+            n.map(|n| Limit {
+                per_minute: n,
+                burst: Some(((n as f64) * l.burst_fraction).max(1.0) as u64),
+            })
+        };
+        Some(ClientLimits {
+            requests: lim(l.rpm),
+            input_tokens: lim(l.itpm),
+            output_tokens: lim(l.otpm),
+            tokens: lim(l.tpm),
+        })
+    }
+
+    /// Units of the binding bucket one successful request uses.
+    pub fn units_per_request(&self) -> f64 {
+        let m = MessagesRequest::user("claude-sim", self.prompt.clone(), self.max_tokens);
+        match self.unit {
+            Unit::Requests => 1.0,
+            Unit::InputTokens => tower_quota_sim::input_tokens(&m) as f64,
+            Unit::OutputTokens => ((self.max_tokens as f64 * self.sim.output_fraction).round())
+                .clamp(1.0, self.max_tokens as f64),
+        }
+    }
+
+    fn request(&self, base_url: &str, i: usize, probe: Probe) -> Req {
+        let key = &self.keys[i % self.keys.len()].0;
+        let body =
+            MessagesRequest::user("claude-sim", self.prompt.clone(), self.max_tokens).to_bytes();
+        let mut req = Request::post(format!("{base_url}/v1/messages"))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .expect("a valid request");
+        req.extensions_mut().insert(probe);
+        req
+    }
+}
+
+/// The figures of one strategy in one scenario.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Cell {
+    /// The strategy.
+    pub strategy: &'static str,
+    /// Logical requests sent.
+    pub requests: usize,
+    /// Ended with a 2xx.
+    pub succeeded: usize,
+    /// Ended otherwise (given up, an error, or not done when a bounded run stopped).
+    pub lost: usize,
+    /// Share of logical requests that saw at least one 429.
+    pub saw_429: f64,
+    /// 429 answers in all (attempts).
+    pub rate_limited: u64,
+    /// Attempts sent in all.
+    pub attempts: u64,
+    /// Successful units of the binding bucket as a share of what it allowed over the run.
+    pub goodput: f64,
+    /// Median latency of a logical request, seconds.
+    pub p50_s: f64,
+    /// 99th percentile latency, seconds.
+    pub p99_s: f64,
+    /// From the first request to the last one done, seconds.
+    pub elapsed_s: f64,
+}
+
+/// Where requests go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The simulator, in process.
+    InProcess(Simulator),
+    /// A simulator served over HTTP at this base URL (and the simulator, for its audit).
+    Http(String, Simulator),
+}
+
+impl Target {
+    fn base(&self) -> (Base, String) {
+        match self {
+            Target::InProcess(sim) => {
+                let svc = ServiceBuilder::new()
+                    .map_response(|res: http::Response<tower_quota_sim::SimBody>| {
+                        res.map(|b| Body::new(b.map_err(Into::into)))
+                    })
+                    .service(sim.clone());
+                (BoxCloneService::new(Recorder(svc)), String::new())
+            }
+            Target::Http(url, _) => {
+                let client = HyperClient::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(1024)
+                    .build_http::<Full<Bytes>>();
+                let svc = ServiceBuilder::new()
+                    .map_err(BoxError::from)
+                    .map_response(|res: http::Response<hyper::body::Incoming>| {
+                        res.map(|b| Body::new(b.map_err(Into::into)))
+                    })
+                    .service(client);
+                (BoxCloneService::new(Recorder(svc)), url.clone())
+            }
+        }
+    }
+
+    fn simulator(&self) -> &Simulator {
+        match self {
+            Target::InProcess(s) | Target::Http(_, s) => s,
+        }
+    }
+}
+
+/// Runs `strategy` in `scenario` against `target`, with at most `tasks` requests at once (for the
+/// strategies that bound themselves) and at most `deadline` of run time (requests not done by then
+/// are lost).
+pub async fn run(
+    scenario: &Scenario,
+    strategy: Strategy,
+    target: &Target,
+    tasks: usize,
+    seed: u64,
+    deadline: Option<Duration>,
+) -> Cell {
+    let (base, url) = target.base();
+    let built = strategy.build(base, scenario.client_limits(), seed);
+    let client = built.client;
+    let n = scenario.requests;
+    let keys = scenario.keys.len();
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    // One pool of workers per key, each taking that key's requests in order: keys are separate
+    // tenants, so a slow key's queue must not hold the workers of a fast one.
+    let per_key = strategy.concurrency(tasks, n).div_ceil(keys).max(1);
+    for k in 0..keys {
+        let next = Arc::new(AtomicUsize::new(0));
+        for _ in 0..per_key {
+            let (client, next, scenario, url) =
+                (client.clone(), next.clone(), scenario.clone(), url.clone());
+            set.spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = k + keys * next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let probe = Probe::default();
+                    let req = scenario.request(&url, i, probe.clone());
+                    let t0 = Instant::now();
+                    let ok = matches!(client.clone().oneshot(req).await, Ok(s) if (200..300).contains(&s));
+                    out.push((ok, t0.elapsed(), probe.saw_429(), probe.attempts(), Instant::now(), i));
+                }
+                out
+            });
+        }
+    }
+    let mut results = Vec::with_capacity(n);
+    let collect = async {
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                results.extend(r);
+            }
+        }
+    };
+    match deadline {
+        Some(d) => {
+            let _ = tokio::time::timeout(d, collect).await;
+        }
+        None => collect.await,
+    }
+    set.abort_all();
+    let end = results.iter().map(|r| r.4).max().unwrap_or(start);
+    let elapsed = end.saturating_duration_since(start);
+
+    // Goodput, per key: the binding bucket's units served with success, over what the bucket
+    // allowed from the start until the key's last request was done, or until a perfect client
+    // could have finished the key's whole share of the burst, whichever is later (a strategy that
+    // gives up early gets no credit for the work it dropped).
+    let sim = target.simulator();
+    let audit = sim.audit();
+    let per_request = scenario.units_per_request();
+    let (mut used, mut allowed) = (0.0, 0.0);
+    for (k, (key, l)) in scenario.keys.iter().enumerate() {
+        let fp = tower_quota_sim::fingerprint(key);
+        let per_minute = match scenario.unit {
+            Unit::Requests => l.rpm,
+            Unit::InputTokens => l.itpm,
+            Unit::OutputTokens => l.otpm,
+        }
+        .unwrap_or(0) as f64;
+        let (capacity, rate) = (per_minute * l.burst_fraction, per_minute / 60.0);
+        let share = (0..n).filter(|i| i % scenario.keys.len() == k).count() as f64;
+        let ideal = ((share * per_request - capacity).max(0.0)) / rate;
+        let done = results
+            .iter()
+            .filter(|r| r.5 % scenario.keys.len() == k)
+            .map(|r| r.4)
+            .max()
+            .unwrap_or(start)
+            .saturating_duration_since(start)
+            .as_secs_f64();
+        allowed += capacity + rate * done.max(ideal);
+        used += audit
+            .iter()
+            .filter(|r| r.key == fp && r.outcome == AuditOutcome::Ok)
+            .map(|r| match scenario.unit {
+                Unit::Requests => 1.0,
+                Unit::InputTokens => r.input_tokens as f64,
+                Unit::OutputTokens => r.output_tokens as f64,
+            })
+            .sum::<f64>();
+    }
+    let span = elapsed.as_secs_f64();
+    let summary = sim.summary();
+    let mut latencies: Vec<Duration> = results.iter().map(|r| r.1).collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let succeeded = results.iter().filter(|r| r.0).count();
+    Cell {
+        strategy: strategy.name(),
+        requests: n,
+        succeeded,
+        lost: n - succeeded,
+        saw_429: results.iter().filter(|r| r.2).count() as f64 / n as f64,
+        rate_limited: summary.total.rate_limited,
+        attempts: results.iter().map(|r| u64::from(r.3)).sum(),
+        goodput: if allowed > 0.0 { used / allowed } else { 0.0 },
+        p50_s: pct(0.5),
+        p99_s: pct(0.99),
+        elapsed_s: span,
+    }
+}
+
+/// Formats cells as a Markdown table.
+pub fn table(cells: &[Cell]) -> String {
+    let mut s = String::from(
+        "| strategy | goodput | saw a 429 | lost | p50 | p99 | 429s | attempts | elapsed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for c in cells {
+        s.push_str(&format!(
+            "| {} | {:.1} % | {:.1} % | {} | {:.2} s | {:.2} s | {} | {} | {:.1} s |\n",
+            c.strategy,
+            100.0 * c.goodput,
+            100.0 * c.saw_429,
+            c.lost,
+            c.p50_s,
+            c.p99_s,
+            c.rate_limited,
+            c.attempts,
+            c.elapsed_s,
+        ));
+    }
+    s
+}
