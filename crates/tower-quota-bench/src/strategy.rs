@@ -183,7 +183,10 @@ impl Strategy {
                     Strategy::QuotaConfigured => limits.unwrap_or_default(),
                     _ => Limits::new(),
                 };
-                let preset = Preset::anthropic(limits);
+                let mut preset = Preset::anthropic(limits);
+                // Seeded jitter, so the cell is the same on every run.
+                preset.retry = preset.retry.seed(seed);
+                preset.retry_after = preset.retry_after.seed(seed + 1);
                 let svc = ServiceBuilder::new()
                     .quota_stack(preset.clone())
                     .service(base);
