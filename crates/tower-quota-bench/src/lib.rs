@@ -42,12 +42,18 @@ pub struct Probe(Arc<ProbeState>);
 pub struct ProbeState {
     saw_429: AtomicBool,
     attempts: AtomicU32,
+    limited: AtomicU32,
 }
 
 impl Probe {
     /// Whether an attempt got a 429.
     pub fn saw_429(&self) -> bool {
         self.0.saw_429.load(Ordering::Relaxed)
+    }
+
+    /// Attempts answered 429.
+    pub fn limited(&self) -> u32 {
+        self.0.limited.load(Ordering::Relaxed)
     }
 
     /// Attempts that reached the base service.
@@ -86,6 +92,7 @@ where
             if res.status() == 429 {
                 if let Some(p) = probe {
                     p.0.saw_429.store(true, Ordering::Relaxed);
+                    p.0.limited.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Ok(res)

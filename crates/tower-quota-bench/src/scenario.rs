@@ -207,8 +207,10 @@ pub struct Cell {
 pub enum Target {
     /// The simulator, in process.
     InProcess(Simulator),
-    /// A simulator served over HTTP at this base URL (and the simulator, for its audit).
-    Http(String, Simulator),
+    /// A server at this base URL: the simulator served over HTTP (given, for its audit), or any
+    /// Messages-compatible server (`None`: goodput is then counted from the client's successes,
+    /// in requests).
+    Http(String, Option<Simulator>),
 }
 
 impl Target {
@@ -237,9 +239,10 @@ impl Target {
         }
     }
 
-    fn simulator(&self) -> &Simulator {
+    fn simulator(&self) -> Option<&Simulator> {
         match self {
-            Target::InProcess(s) | Target::Http(_, s) => s,
+            Target::InProcess(s) => Some(s),
+            Target::Http(_, s) => s.as_ref(),
         }
     }
 }
@@ -281,7 +284,7 @@ pub async fn run(
                     let req = scenario.request(&url, i, probe.clone());
                     let t0 = Instant::now();
                     let ok = matches!(client.clone().oneshot(req).await, Ok(s) if (200..300).contains(&s));
-                    out.push((ok, t0.elapsed(), probe.saw_429(), probe.attempts(), Instant::now(), i));
+                    out.push((ok, t0.elapsed(), probe.saw_429(), probe.attempts(), Instant::now(), i, probe.limited()));
                 }
                 out
             });
@@ -310,7 +313,7 @@ pub async fn run(
     // could have finished the key's whole share of the burst, whichever is later (a strategy that
     // gives up early gets no credit for the work it dropped).
     let sim = target.simulator();
-    let audit = sim.audit();
+    let audit = sim.map(Simulator::audit).unwrap_or_default();
     let per_request = scenario.units_per_request();
     let (mut used, mut allowed) = (0.0, 0.0);
     for (k, (key, l)) in scenario.keys.iter().enumerate() {
@@ -333,18 +336,22 @@ pub async fn run(
             .saturating_duration_since(start)
             .as_secs_f64();
         allowed += capacity + rate * done.max(ideal);
-        used += audit
-            .iter()
-            .filter(|r| r.key == fp && r.outcome == AuditOutcome::Ok)
-            .map(|r| match scenario.unit {
-                Unit::Requests => 1.0,
-                Unit::InputTokens => r.input_tokens as f64,
-                Unit::OutputTokens => r.output_tokens as f64,
-            })
-            .sum::<f64>();
+        used += if sim.is_some() {
+            audit
+                .iter()
+                .filter(|r| r.key == fp && r.outcome == AuditOutcome::Ok)
+                .map(|r| match scenario.unit {
+                    Unit::Requests => 1.0,
+                    Unit::InputTokens => r.input_tokens as f64,
+                    Unit::OutputTokens => r.output_tokens as f64,
+                })
+                .sum::<f64>()
+        } else {
+            results.iter().filter(|r| r.0 && r.5 % keys == k).count() as f64 * per_request
+        };
     }
     let span = elapsed.as_secs_f64();
-    let summary = sim.summary();
+    let rate_limited: u64 = results.iter().map(|r| u64::from(r.6)).sum();
     let mut latencies: Vec<Duration> = results.iter().map(|r| r.1).collect();
     latencies.sort_unstable();
     let pct = |p: f64| {
@@ -359,7 +366,7 @@ pub async fn run(
         succeeded,
         lost: n - succeeded,
         saw_429: results.iter().filter(|r| r.2).count() as f64 / n as f64,
-        rate_limited: summary.total.rate_limited,
+        rate_limited,
         attempts: results.iter().map(|r| u64::from(r.3)).sum(),
         goodput: if allowed > 0.0 { used / allowed } else { 0.0 },
         p50_s: pct(0.5),

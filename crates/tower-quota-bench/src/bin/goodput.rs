@@ -108,7 +108,7 @@ fn main() {
                 let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse().unwrap())
                     .await
                     .expect("a loopback port");
-                let target = Target::Http(server.base_url(), sim);
+                let target = Target::Http(server.base_url(), Some(sim));
                 let cell = run(
                     &scenario,
                     s,
