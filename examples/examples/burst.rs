@@ -1,31 +1,52 @@
-//! The burst demo: many concurrent Messages requests against a rate-limited API.
+//! The burst demo: a burst of concurrent Messages requests that would drown in 429s finishes
+//! cleanly, close to the server's limit.
 //!
 //! Run with: `cargo run --release --example burst`
 //!
 //! With no arguments it starts the simulated API (`tower-quota-sim`) on a loopback port with
-//! Anthropic-like limits and fires a burst of concurrent requests at it. This first version sends
-//! them the naive way (all at once, no retry) to show the problem the layers solve: most of the
-//! burst is refused with 429. `--base-url` aims it at any Messages-compatible server instead.
+//! Anthropic-like limits (600 requests/min, a burst of 60) and sends 400 requests, 64 at a time,
+//! through the full tower-quota stack over hyper-util's pooled client: about 35 s.
+//!
+//! - `--compare` runs the same burst with the naive loop, the seed recipe, tower's built-ins, the
+//!   SDK-like policy and tower-quota, each against a fresh server, and prints them side by side.
+//! - `--plot FILE.svg` draws successes and 429s per second against the limit.
+//! - `--base-url URL --api-key KEY` (default `$ANTHROPIC_API_KEY`) aims it at a real
+//!   Anthropic-compatible API; the stack then learns the limits from the headers.
+//! - `--json` prints the summary as one JSON object on the last line.
 
 use bytes::Bytes;
 use clap::Parser;
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::time::{Duration, Instant};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_quota::budget::{Bucket, Limit, Limits as BudgetLimits};
+use tower_quota::partition::PartitionKey;
+use tower_quota::{BoxError, Preset, ServiceBuilderExt};
+use tower_quota_bench::scenario::{Scenario, Target, Unit, run, table};
+use tower_quota_bench::strategy::Strategy;
 use tower_quota_sim::{Limits, MessagesRequest, SimConfig, Simulator};
 
 #[derive(Parser)]
-#[command(about = "Fire a burst of concurrent Messages requests at a rate-limited API")]
+#[command(about = "Send a burst of concurrent Messages requests through the tower-quota stack")]
 struct Args {
-    /// Number of requests in the burst.
-    #[arg(long, default_value_t = 200)]
+    /// Requests in the burst.
+    #[arg(long, default_value_t = 400)]
     requests: usize,
+    /// Requests at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
     /// Server to aim at (default: a simulator started on a loopback port).
     #[arg(long)]
     base_url: Option<String>,
-    /// API key (default: $ANTHROPIC_API_KEY, or a test key for the simulator).
+    /// API key (default: $ANTHROPIC_API_KEY, or a test key for the simulator). Never printed.
     #[arg(long)]
     api_key: Option<String>,
     /// Model name.
@@ -34,77 +55,463 @@ struct Args {
     /// max_tokens of each request.
     #[arg(long, default_value_t = 64)]
     max_tokens: u64,
+    /// Learn the simulator's limits from its headers instead of configuring them.
+    #[arg(long)]
+    learn: bool,
+    /// Run the same burst with every strategy and print them side by side.
+    #[arg(long)]
+    compare: bool,
+    /// Draw requests/s over time against the limit, with 429s marked, into this SVG file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let args = Args::parse();
-    let (base, server) = match &args.base_url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), None),
-        None => {
-            let sim = Simulator::new(SimConfig::new(Limits::new(120, 40_000, 8_000)));
-            let server = tower_quota_sim::serve(sim, "127.0.0.1:0".parse()?).await?;
-            (server.base_url(), Some(server))
-        }
+/// The demo server's limits: Anthropic-like buckets, with a burst of a tenth of a minute so the
+/// burst outlasts it.
+fn demo_limits() -> Limits {
+    Limits {
+        rpm: Some(600),
+        itpm: Some(400_000),
+        otpm: Some(80_000),
+        tpm: None,
+        burst_fraction: 0.1,
+    }
+}
+
+fn client_limits(l: Limits) -> BudgetLimits {
+    let lim = |n: Option<u64>| {
+        n.map(|n| Limit {
+            per_minute: n,
+            burst: Some(((n as f64) * l.burst_fraction).max(1.0) as u64),
+        })
     };
+    BudgetLimits {
+        requests: lim(l.rpm),
+        input_tokens: lim(l.itpm),
+        output_tokens: lim(l.otpm),
+        tokens: lim(l.tpm),
+    }
+}
+
+#[derive(Default)]
+struct Record {
+    /// Seconds since the start at which each request succeeded.
+    ok_at: Vec<f64>,
+    /// Seconds since the start at which each 429 arrived.
+    limited_at: Vec<f64>,
+    latencies: Vec<Duration>,
+    failed: usize,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    let local = args.base_url.is_none();
     let key = args
         .api_key
         .clone()
         .or_else(|| std::env::var("ANTHROPIC_API_KEY").ok())
         .unwrap_or_else(|| "sk-sim-demo".to_owned());
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let body = MessagesRequest::user(&args.model, "Say hello.", args.max_tokens).to_bytes();
 
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(args.requests);
-    for _ in 0..args.requests {
-        let req = Request::post(format!("{base}/v1/messages"))
-            .header("x-api-key", &key)
-            .header("anthropic-version", "2023-06-01")
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))?;
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let res = client.request(req).await?;
-            let status = res.status().as_u16();
-            res.into_body().collect().await?;
-            Ok::<u16, Box<dyn std::error::Error + Send + Sync>>(status)
-        }));
+    if args.compare {
+        return compare(&args, &key).await;
     }
-    let (mut ok, mut limited, mut failed) = (0u64, 0u64, 0u64);
-    for t in tasks {
-        match t.await? {
-            Ok(200) => ok += 1,
-            Ok(429) => {
-                limited += 1;
-                failed += 1
-            }
-            _ => failed += 1,
+
+    let (base, server, sim) = match &args.base_url {
+        Some(url) => (url.trim_end_matches('/').to_owned(), None, None),
+        None => {
+            let sim = Simulator::new(SimConfig::new(demo_limits()));
+            let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse()?).await?;
+            (server.base_url(), Some(server), Some(sim))
         }
+    };
+    let limits = if local && !args.learn {
+        client_limits(demo_limits())
+    } else {
+        BudgetLimits::new()
+    };
+    let preset = Preset::anthropic(limits);
+    let partition = PartitionKey::fingerprint(key.as_bytes());
+    let start = Instant::now();
+    let record = Arc::new(Mutex::new(Record::default()));
+
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.concurrency)
+        .build_http::<Full<Bytes>>();
+    let seen = record.clone();
+    let api = ServiceBuilder::new()
+        .quota_stack(preset.clone())
+        // Innermost: every attempt's answer, as the server gave it.
+        .map_response(move |res: Response<hyper::body::Incoming>| {
+            if res.status() == 429 {
+                let t = start.elapsed().as_secs_f64();
+                seen.lock().unwrap().limited_at.push(t);
+            }
+            res
+        })
+        .service(client);
+
+    let progress = Progress::new(args.requests as u64);
+    let ticker = {
+        let (preset, record, progress) = (preset.clone(), record.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                progress.update(&preset, partition, &record, start);
+            }
+        })
+    };
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (api, next, record, progress) =
+            (api.clone(), next.clone(), record.clone(), progress.clone());
+        let (base, key, model, max_tokens, n) = (
+            base.clone(),
+            key.clone(),
+            args.model.clone(),
+            args.max_tokens,
+            args.requests,
+        );
+        workers.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let body =
+                    MessagesRequest::user(&model, "Write a haiku about rate limits.", max_tokens)
+                        .to_bytes();
+                let req = Request::post(format!("{base}/v1/messages"))
+                    .header("x-api-key", &key)
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("a valid request");
+                let t0 = Instant::now();
+                let outcome = async {
+                    let res = api.clone().oneshot(req).await?;
+                    let ok = res.status().is_success();
+                    let bytes = res.into_body().collect().await?.to_bytes();
+                    Ok::<_, BoxError>((ok, bytes))
+                }
+                .await;
+                let mut r = record.lock().unwrap();
+                match outcome {
+                    Ok((true, bytes)) => {
+                        r.ok_at.push(start.elapsed().as_secs_f64());
+                        r.latencies.push(t0.elapsed());
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                            r.input_tokens += v["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                            r.output_tokens += v["usage"]["output_tokens"].as_u64().unwrap_or(0);
+                        }
+                    }
+                    _ => r.failed += 1,
+                }
+                drop(r);
+                progress.inc();
+            }
+        });
     }
-    let elapsed = start.elapsed().max(Duration::from_millis(1));
-    println!("requests:   {}", args.requests);
-    println!("succeeded:  {ok}");
-    println!("failed:     {failed} (naive client: no retry, no limits)");
-    println!("429s seen:  {limited}");
-    println!("elapsed:    {:.2} s", elapsed.as_secs_f64());
-    if let Some(server) = server {
-        println!("server:     {}", server.simulator().summary().to_json());
-        server.shutdown().await;
+    while workers.join_next().await.is_some() {}
+    ticker.abort();
+    progress.finish();
+    let elapsed = start.elapsed();
+
+    let r = record.lock().unwrap();
+    let succeeded = r.ok_at.len();
+    let retries = preset.retry.stats().retries();
+    let mut lat = r.latencies.clone();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    // The binding limit: the simulator's requests bucket, or the one the budget learned.
+    let limit = if local {
+        let l = demo_limits();
+        Some((
+            l.rpm.unwrap_or(0) as f64 * l.burst_fraction,
+            l.rpm.unwrap_or(0) as f64 / 60.0,
+        ))
+    } else {
+        preset
+            .budget
+            .handle()
+            .snapshot(partition)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.bucket(Bucket::Requests))
+            .map(|(_, cap)| (cap as f64, cap as f64 / 60.0))
+    };
+    let secs = elapsed.as_secs_f64();
+    println!();
+    println!("requests      {}", args.requests);
+    println!("succeeded     {succeeded}");
+    println!("failed        {}", args.requests - succeeded);
+    println!("429s seen     {}", r.limited_at.len());
+    println!("retries       {retries}");
+    println!("elapsed       {secs:.2} s");
+    match limit {
+        Some((cap, rate)) => {
+            let ideal = ((args.requests as f64 - cap).max(0.0)) / rate;
+            let share = succeeded as f64 / (cap + rate * secs.max(ideal));
+            println!(
+                "goodput       {:.2} req/s, {:.1} % of the {:.0} requests/min limit",
+                succeeded as f64 / secs,
+                100.0 * share,
+                rate * 60.0
+            );
+        }
+        None => println!(
+            "goodput       {:.2} req/s (the server sent no limit to compare with)",
+            succeeded as f64 / secs
+        ),
+    }
+    println!(
+        "tokens        {} in, {} out",
+        r.input_tokens, r.output_tokens
+    );
+    println!(
+        "latency       p50 {:.2} s, p99 {:.2} s",
+        pct(0.5),
+        pct(0.99)
+    );
+    if let Some(sim) = &sim {
+        let s = sim.summary();
+        println!(
+            "server saw    {} requests, {} ok, {} answered 429, {} early arrivals",
+            s.total.requests, s.total.ok, s.total.rate_limited, s.total.early_arrivals
+        );
+    }
+    if let Some(path) = &args.plot {
+        plot(path, &r, limit.map(|l| l.1), secs)?;
+        println!("plot          {}", path.display());
     }
     if args.json {
         println!(
             "{}",
             serde_json::json!({
-                "requests": args.requests, "succeeded": ok, "failed": failed,
-                "rate_limited": limited, "retries": 0,
-                "elapsed_s": elapsed.as_secs_f64(),
-                "goodput_rps": ok as f64 / elapsed.as_secs_f64(),
+                "requests": args.requests,
+                "succeeded": succeeded,
+                "failed": args.requests - succeeded,
+                "rate_limited": r.limited_at.len(),
+                "retries": retries,
+                "elapsed_s": secs,
+                "goodput_rps": succeeded as f64 / secs,
             })
         );
+    }
+    drop(r);
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The live display: a progress bar on a terminal, a plain line a second elsewhere.
+#[derive(Clone)]
+struct Progress {
+    bar: Option<ProgressBar>,
+    done: Arc<AtomicUsize>,
+    last_line: Arc<Mutex<Instant>>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .expect("a valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            done: Arc::default(),
+            last_line: Arc::new(Mutex::new(Instant::now())),
+        }
+    }
+
+    fn inc(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    fn update(
+        &self,
+        preset: &Preset,
+        partition: PartitionKey,
+        record: &Mutex<Record>,
+        start: Instant,
+    ) {
+        let conc = preset.concurrency.handle();
+        let cooldown = match preset.retry_after.cooldown_until(partition) {
+            Some(t) => format!(
+                "cooldown {:.1} s",
+                t.saturating_duration_since(Instant::now()).as_secs_f64()
+            ),
+            None => "open".to_owned(),
+        };
+        let done = self.done.load(Ordering::Relaxed);
+        let limited = record.lock().unwrap().limited_at.len();
+        let msg = format!(
+            "in flight {} | queued {} | 429s {} | limit {} | {} | {:.1} req/s",
+            conc.in_flight(),
+            preset.budget.handle().queued() + conc.queued(),
+            limited,
+            conc.limit(),
+            cooldown,
+            done as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        );
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => {
+                let mut last = self.last_line.lock().unwrap();
+                if last.elapsed() >= Duration::from_secs(1) {
+                    *last = Instant::now();
+                    println!("{done} done | {msg}");
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+/// Successes and 429s per second against the limit.
+fn plot(path: &std::path::Path, r: &Record, rate: Option<f64>, secs: f64) -> Result<(), BoxError> {
+    use plotters::prelude::*;
+    let bins = secs.ceil().max(1.0) as usize;
+    let per_second = |ts: &[f64]| {
+        let mut v = vec![0u32; bins];
+        for &t in ts {
+            v[(t as usize).min(bins - 1)] += 1;
+        }
+        v
+    };
+    let ok = per_second(&r.ok_at);
+    let limited = per_second(&r.limited_at);
+    let top = ok.iter().chain(limited.iter()).copied().max().unwrap_or(1) as f64 * 1.1;
+    let top = top.max(rate.unwrap_or(0.0) * 1.2).max(1.0);
+    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("requests per second", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..bins as f64, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("requests/s")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            ok.iter()
+                .enumerate()
+                .map(|(i, n)| (i as f64 + 0.5, f64::from(*n))),
+            BLUE.stroke_width(3),
+        ))?
+        .label("succeeded")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(3)));
+    chart
+        .draw_series(
+            limited
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| Cross::new((i as f64 + 0.5, f64::from(*n)), 5, RED.stroke_width(2))),
+        )?
+        .label("429s")
+        .legend(|(x, y)| Cross::new((x + 10, y), 5, RED.stroke_width(2)));
+    if let Some(rate) = rate {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, rate), (bins as f64, rate)],
+                RGBColor(255, 140, 0).stroke_width(1),
+            ))?
+            .label("the server's limit")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(255, 140, 0)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The same burst, every strategy, side by side.
+async fn compare(args: &Args, key: &str) -> Result<(), BoxError> {
+    let limits = demo_limits();
+    let scenario = Scenario {
+        name: "burst",
+        sim: SimConfig::new(limits),
+        keys: vec![(key.to_owned(), limits)],
+        unit: Unit::Requests,
+        requests: args.requests,
+        prompt: "Write a haiku about rate limits.".to_owned(),
+        max_tokens: args.max_tokens,
+        limits_known: args.base_url.is_none() && !args.learn,
+    };
+    let strategies = [
+        Strategy::Naive,
+        Strategy::Seed,
+        Strategy::Tower,
+        Strategy::Sdk,
+        Strategy::QuotaConfigured,
+    ];
+    let mut cells = Vec::new();
+    for s in strategies {
+        eprintln!("running {} ...", s.name());
+        let cell = match &args.base_url {
+            Some(url) => {
+                let target = Target::Http(url.trim_end_matches('/').to_owned(), None);
+                run(
+                    &scenario,
+                    s,
+                    &target,
+                    args.concurrency,
+                    1,
+                    Some(Duration::from_secs(120)),
+                )
+                .await
+            }
+            None => {
+                let sim = scenario.simulator(1);
+                let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse()?).await?;
+                let target = Target::Http(server.base_url(), Some(sim));
+                let cell = run(
+                    &scenario,
+                    s,
+                    &target,
+                    args.concurrency,
+                    1,
+                    Some(Duration::from_secs(120)),
+                )
+                .await;
+                server.shutdown().await;
+                cell
+            }
+        };
+        cells.push(cell);
+    }
+    println!("\n{}", table(&cells));
+    if args.json {
+        println!("{}", serde_json::to_string(&cells)?);
     }
     Ok(())
 }
