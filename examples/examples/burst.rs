@@ -220,7 +220,7 @@ async fn main() -> Result<(), BoxError> {
     progress.finish();
     let elapsed = start.elapsed();
 
-    let r = record.lock().unwrap();
+    let r = std::mem::take(&mut *record.lock().unwrap());
     let succeeded = r.ok_at.len();
     let retries = preset.retry.stats().retries();
     let mut lat = r.latencies.clone();
