@@ -9,7 +9,8 @@ use tokio::time::Instant;
 /// Why the retry loop stopped while the last result was still a retryable failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GiveUp {
-    /// `max_retries` retries were made.
+    /// Every allowed retry of this kind was made (`max_retries` for backoff retries,
+    /// `max_hinted_retries` for those that waited for the server's hint).
     AttemptsExhausted,
     /// The retry budget shared by the layer's services had no retry left.
     BudgetEmpty,

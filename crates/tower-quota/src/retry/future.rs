@@ -30,6 +30,8 @@ pin_project! {
         shared: Arc<Shared>,
         deadline: Option<Instant>,
         attempts: u32,
+        backoffs: u32,
+        hinted: u32,
         replayable: bool,
         previous: Duration,
         delays: Vec<Duration>,
@@ -65,6 +67,8 @@ where
             shared,
             deadline,
             attempts: 0,
+            backoffs: 0,
+            hinted: 0,
             replayable: true,
             previous,
             delays: Vec::new(),
@@ -97,9 +101,10 @@ enum Next {
 }
 
 /// Decides what follows a retryable failure. `hint`: the instant the server named, if any.
+/// `counts`: retries so far that waited a backoff, and that waited for a hint.
 fn decide(
     shared: &Shared,
-    attempts: u32,
+    counts: (&mut u32, &mut u32),
     replayable: bool,
     deadline: Option<Instant>,
     previous: &mut Duration,
@@ -109,7 +114,12 @@ fn decide(
     if !replayable {
         return Next::GiveUp(GiveUp::NotReplayable);
     }
-    if attempts > shared.max_retries {
+    let (backoffs, hinted) = counts;
+    let exhausted = match hint {
+        Some(_) => *hinted >= shared.max_hinted_retries,
+        None => *backoffs >= shared.max_retries,
+    };
+    if exhausted {
         return Next::GiveUp(GiveUp::AttemptsExhausted);
     }
     let (at, source) = match hint {
@@ -132,7 +142,7 @@ fn decide(
         None => {
             let d = {
                 let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-                shared.backoff.delay(attempts - 1, *previous, &mut *rng)
+                shared.backoff.delay(*backoffs, *previous, &mut *rng)
             };
             *previous = d;
             (now + d, "backoff")
@@ -147,6 +157,10 @@ fn decide(
         if !budget.withdraw() {
             return Next::GiveUp(GiveUp::BudgetEmpty);
         }
+    }
+    match hint {
+        Some(_) => *hinted += 1,
+        None => *backoffs += 1,
     }
     Next::Retry { at, source }
 }
@@ -206,7 +220,7 @@ where
                             };
                             let next = decide(
                                 shared,
-                                *this.attempts,
+                                (this.backoffs, this.hinted),
                                 *this.replayable,
                                 *this.deadline,
                                 this.previous,
@@ -222,7 +236,7 @@ where
                             }
                             let next = decide(
                                 shared,
-                                *this.attempts,
+                                (this.backoffs, this.hinted),
                                 *this.replayable,
                                 *this.deadline,
                                 this.previous,

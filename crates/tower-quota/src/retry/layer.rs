@@ -14,6 +14,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 pub(crate) struct Shared {
     pub(crate) backoff: Backoff,
     pub(crate) max_retries: u32,
+    pub(crate) max_hinted_retries: u32,
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_hint_wait: Option<Duration>,
     pub(crate) hint_jitter: Duration,
@@ -56,6 +57,7 @@ impl RetryStats {
 struct Config {
     backoff: Backoff,
     max_retries: u32,
+    max_hinted_retries: u32,
     deadline: Option<Duration>,
     max_hint_wait: Option<Duration>,
     hint_jitter: Duration,
@@ -82,6 +84,12 @@ impl BackoffRetryLayer {
     /// Default retries after the first attempt: 5, as the seed recipe (the SDKs use 2, which gives
     /// up inside a minute-long cooldown).
     pub const DEFAULT_MAX_RETRIES: u32 = 5;
+    /// Default retries that follow a server hint (a 429 or 503 that said when to come back): 20.
+    /// They are counted apart from `max_retries`: a hinted 429 is the server pacing the client,
+    /// not a failure, and under contention a request can meet several in a row while its
+    /// neighbours take the freed capacity; counting them as failures would drop requests the
+    /// server was about to serve. The retry budget and the deadline still bound them.
+    pub const DEFAULT_MAX_HINTED_RETRIES: u32 = 20;
     /// Default cap on a hinted wait: 5 minutes, the same as
     /// [`RetryAfterLayer::DEFAULT_MAX_WAIT`](crate::retry_after::RetryAfterLayer::DEFAULT_MAX_WAIT).
     pub const DEFAULT_MAX_HINT_WAIT: Duration = Duration::from_secs(300);
@@ -89,13 +97,14 @@ impl BackoffRetryLayer {
     pub const DEFAULT_HINT_JITTER: Duration = Duration::from_millis(100);
 
     /// The defaults: [`Backoff::default`] (1 s base doubling to a 60 s cap, plus uniform(0, 1 s)),
-    /// 5 retries, no deadline, hinted waits up to 5 minutes plus up to 100 ms of jitter, a retry
+    /// 5 backoff retries and 20 hinted ones, no deadline, hinted waits up to 5 minutes plus up to 100 ms of jitter, a retry
     /// budget of 20 % of recent calls plus 10 retries/s over a 10 s window (tower's
     /// [`TpsBudget`], Envoy's 20 %), and the [`DefaultClassifier`].
     pub fn new() -> Self {
         Self::from_config(Config {
             backoff: Backoff::default(),
             max_retries: Self::DEFAULT_MAX_RETRIES,
+            max_hinted_retries: Self::DEFAULT_MAX_HINTED_RETRIES,
             deadline: None,
             max_hint_wait: Some(Self::DEFAULT_MAX_HINT_WAIT),
             hint_jitter: Self::DEFAULT_HINT_JITTER,
@@ -115,6 +124,7 @@ impl BackoffRetryLayer {
             shared: Arc::new(Shared {
                 backoff: c.backoff,
                 max_retries: c.max_retries,
+                max_hinted_retries: c.max_hinted_retries,
                 deadline: c.deadline,
                 max_hint_wait: c.max_hint_wait,
                 hint_jitter: c.hint_jitter,
@@ -132,6 +142,7 @@ impl BackoffRetryLayer {
         let mut c = Config {
             backoff: s.backoff,
             max_retries: s.max_retries,
+            max_hinted_retries: s.max_hinted_retries,
             deadline: s.deadline,
             max_hint_wait: s.max_hint_wait,
             hint_jitter: s.hint_jitter,
@@ -165,9 +176,15 @@ impl BackoffRetryLayer {
         self.with(|c| c.backoff.jitter = jitter)
     }
 
-    /// Retries after the first attempt (0: never retry).
+    /// Retries after the first attempt that wait a computed backoff (0: never retry those).
     pub fn max_retries(self, n: u32) -> Self {
         self.with(|c| c.max_retries = n)
+    }
+
+    /// Retries that wait for the server's hinted instant (see
+    /// [`DEFAULT_MAX_HINTED_RETRIES`](Self::DEFAULT_MAX_HINTED_RETRIES)).
+    pub fn max_hinted_retries(self, n: u32) -> Self {
+        self.with(|c| c.max_hinted_retries = n)
     }
 
     /// A deadline for the whole call, from when it starts: no retry starts after it. A request can
@@ -232,6 +249,7 @@ impl fmt::Debug for BackoffRetryLayer {
         f.debug_struct("BackoffRetryLayer")
             .field("backoff", &s.backoff)
             .field("max_retries", &s.max_retries)
+            .field("max_hinted_retries", &s.max_hinted_retries)
             .field("deadline", &s.deadline)
             .field("max_hint_wait", &s.max_hint_wait)
             .field("hint_jitter", &s.hint_jitter)

@@ -20,7 +20,8 @@
 //!   [`RetryAfterLayer`](crate::retry_after::RetryAfterLayer), else the response's own
 //!   [`Signals`](crate::signals::Signals)), that instant replaces the backoff for that attempt: the
 //!   wait ends at or after it, never before, plus a small jitter.
-//! - Is bounded by `max_retries` (default 5), a deadline (per layer and per request, via
+//! - Is bounded by `max_retries` (default 5) backoff retries and `max_hinted_retries` (default
+//!   20) retries that waited for the server's hint (a hinted 429 is pacing, not failure), a deadline (per layer and per request, via
 //!   [`Deadline`]), a cap on a hinted wait (default 5 minutes), and a retry budget shared by every
 //!   clone (tower's [`TpsBudget`](tower::retry::budget::TpsBudget): 20 % of recent calls plus a
 //!   floor of 10/s) so that retries cannot multiply an outage.

@@ -659,7 +659,11 @@ mod prop {
                     Step::Reset => Err(io::ErrorKind::ConnectionReset),
                 }).collect();
                 let script = Script::new(answers);
-                let retry = BackoffRetryLayer::new().seed(11).no_budget().max_retries(max_retries);
+                let retry = BackoffRetryLayer::new()
+                    .seed(11)
+                    .no_budget()
+                    .max_retries(max_retries)
+                    .max_hinted_retries(max_retries);
                 let result = if stacked {
                     ServiceBuilder::new()
                         .layer(retry)
@@ -671,8 +675,19 @@ mod prop {
                     retry.layer(script.clone()).oneshot(req()).await
                 };
                 let calls = script.calls();
-                // Never more attempts than allowed.
-                assert!(calls.len() <= max_retries as usize + 1);
+                // Never more attempts than allowed: each kind of retry has its own bound.
+                assert!(calls.len() <= 2 * max_retries as usize + 1);
+                // With the gate inside, a 429 without a hint gets an inferred one.
+                let hinted = (0..calls.len() - 1)
+                    .map(|i| &steps[i.min(steps.len() - 1)])
+                    .filter(|s| match s {
+                        Step::Status(_, Some(_)) => true,
+                        Step::Status(429, None) => stacked,
+                        _ => false,
+                    })
+                    .count();
+                assert!(hinted <= max_retries as usize);
+                assert!(calls.len() - 1 - hinted <= max_retries as usize);
                 // Never before the hint of the previous answer.
                 for (i, pair) in calls.windows(2).enumerate() {
                     if let Step::Status(_, Some(ms)) = steps[i.min(steps.len() - 1)] {
@@ -712,4 +727,68 @@ mod prop {
         send::<future::ResponseFuture<Script, String>>();
         send::<crate::retry_after::future::ResponseFuture<Script, String>>();
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hinted_retries_are_counted_apart_from_backoff_retries() {
+    let script = Script::new([with_headers(429, &[("retry-after", "1".into())])]);
+    let res = layer()
+        .max_retries(0)
+        .max_hinted_retries(3)
+        .layer(script.clone())
+        .oneshot(req())
+        .await
+        .unwrap();
+    assert_eq!(script.calls().len(), 4);
+    let report = res.extensions().get::<RetryReport>().unwrap();
+    assert_eq!(report.gave_up, Some(GiveUp::AttemptsExhausted));
+    // A 503 without a hint is a backoff retry: max_retries(0) stops it at once.
+    let script = Script::new([status(503)]);
+    layer()
+        .max_retries(0)
+        .max_hinted_retries(3)
+        .layer(script.clone())
+        .oneshot(req())
+        .await
+        .unwrap();
+    assert_eq!(script.calls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_any_hint_closes_the_gate_for_an_inferred_doubling_cooldown() {
+    let script = Script::new([status(429), status(429), status(200), status(429)]);
+    let gate = RetryAfterLayer::new().jitter(Duration::ZERO);
+    let svc = gate.layer(script.clone());
+    let p = crate::partition::PartitionKey::fingerprint(b"sk-test");
+    let t0 = Instant::now();
+    let res = svc.clone().oneshot(req()).await.unwrap();
+    let at = res
+        .extensions()
+        .get::<crate::retry_after::RetryAt>()
+        .unwrap();
+    assert_eq!(at.source, crate::signals::HintSource::Inferred);
+    assert_eq!(at.at, t0 + Duration::from_millis(250));
+    // The next caller waits for it; its 429 doubles the cooldown.
+    svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(script.calls()[1], t0 + Duration::from_millis(250));
+    assert_eq!(
+        gate.cooldown_until(p),
+        Some(t0 + Duration::from_millis(750))
+    );
+    // A success starts the estimate over.
+    svc.clone().oneshot(req()).await.unwrap();
+    svc.clone().oneshot(req()).await.unwrap();
+    let last = script.calls()[3];
+    assert_eq!(
+        gate.cooldown_until(p),
+        Some(last + Duration::from_millis(250))
+    );
+    // Off: a hintless 429 closes nothing.
+    let script = Script::new([status(429), status(200)]);
+    let svc = RetryAfterLayer::new()
+        .inferred_cooldown(None)
+        .layer(script.clone());
+    svc.clone().oneshot(req()).await.unwrap();
+    svc.oneshot(req()).await.unwrap();
+    assert_eq!(script.calls()[0], script.calls()[1]);
 }

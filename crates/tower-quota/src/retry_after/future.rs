@@ -1,6 +1,6 @@
 //! The response future of [`RetryAfter`](super::RetryAfter).
 
-use super::layer::Shared;
+use super::layer::{Meet, Shared};
 use super::service::too_long;
 use crate::BoxError;
 use crate::partition::PartitionKey;
@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -26,9 +27,25 @@ pin_project! {
         shared: Arc<Shared>,
         partition: PartitionKey,
         jitter: Option<Duration>,
+        waited: Option<Instant>,
         sleep: Option<Pin<Box<Sleep>>>,
+        notified: Option<Pin<Box<OwnedNotified>>>,
+        probe: bool,
         #[pin]
         state: State<S::Future>,
+    }
+
+    impl<S, B> PinnedDrop for ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.probe {
+                // A probe that gives up hands the role to the next waiter.
+                this.shared.probe_done(*this.partition, false);
+            }
+        }
     }
 }
 
@@ -38,6 +55,26 @@ pin_project! {
         Gate,
         Ready,
         Calling { #[pin] fut: F },
+    }
+}
+
+/// Sleeps until `deadline` on the future's one reusable timer.
+fn sleep_until(
+    slot: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    match slot {
+        Some(s) => {
+            if s.deadline() != deadline {
+                s.as_mut().reset(deadline);
+            }
+        }
+        None => *slot = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+    match slot.as_mut() {
+        Some(s) => s.as_mut().poll(cx),
+        None => Poll::Ready(()),
     }
 }
 
@@ -57,7 +94,10 @@ where
             shared,
             partition,
             jitter: None,
+            waited: None,
             sleep: None,
+            notified: None,
+            probe: false,
             state: State::Gate,
         }
     }
@@ -92,28 +132,55 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Gate => {
-                    let now = Instant::now();
-                    let Some(until) = this.shared.gate(*this.partition, now) else {
-                        this.state.set(State::Ready);
-                        continue;
-                    };
-                    if let Some(err) = too_long(this.shared, *this.partition, until, now) {
-                        return Poll::Ready(Err(err.into()));
+                    if let Some(n) = this.notified.as_mut() {
+                        // Waiting for the half-open gate's probe to answer.
+                        ready!(n.as_mut().poll(cx));
+                        *this.notified = None;
                     }
-                    // The jitter is drawn once, the first time this request meets a closed gate.
-                    let jitter = *this.jitter.get_or_insert_with(|| this.shared.draw_jitter());
-                    let deadline = until + jitter;
-                    match this.sleep {
-                        Some(s) => s.as_mut().reset(deadline),
-                        None => *this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                    tracing::trace!(partition = %this.partition, wait_ms = (deadline - now).as_millis() as u64, "retry-after: waiting at gate");
-                    if let Some(s) = this.sleep.as_mut() {
-                        ready!(s.as_mut().poll(cx));
-                    }
-                    // Woken: look again, the gate may have been pushed further meanwhile.
-                    if this.shared.gate(*this.partition, Instant::now()).is_none() {
-                        this.state.set(State::Ready);
+                    let p = *this.partition;
+                    let mut meet = this.shared.meet(p, Instant::now());
+                    loop {
+                        match meet {
+                            Meet::Closed(until) => {
+                                let now = Instant::now();
+                                if let Some(err) = too_long(this.shared, p, until, now) {
+                                    return Poll::Ready(Err(err.into()));
+                                }
+                                // The jitter is drawn once, the first time the request meets a
+                                // closed gate, and only ever adds to the server's instant.
+                                let jitter =
+                                    *this.jitter.get_or_insert_with(|| this.shared.draw_jitter());
+                                *this.waited = Some(until);
+                                tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
+                                ready!(sleep_until(this.sleep, until + jitter, cx));
+                                break;
+                            }
+                            Meet::Probing(notify) => {
+                                // Register first, then look again: a probe that answers in
+                                // between still wakes this request.
+                                let n = Box::pin(notify.notified_owned());
+                                match this.shared.meet(p, Instant::now()) {
+                                    Meet::Probing(_) => {
+                                        *this.notified = Some(n);
+                                        break;
+                                    }
+                                    again => meet = again,
+                                }
+                            }
+                            Meet::Pass { probe } => {
+                                *this.probe |= probe;
+                                if let Some(until) = *this.waited {
+                                    // Released by a probe's answer: keep this request's own
+                                    // jitter, so the herd spreads out behind the probe.
+                                    let deadline = until + this.jitter.unwrap_or_default();
+                                    if Instant::now() < deadline {
+                                        ready!(sleep_until(this.sleep, deadline, cx));
+                                    }
+                                }
+                                this.state.set(State::Ready);
+                                break;
+                            }
+                        }
                     }
                 }
                 StateProj::Ready => {
@@ -124,9 +191,26 @@ where
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
-                    let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    this.shared.observe(*this.partition, &mut res);
-                    return Poll::Ready(Ok(res));
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let closed = match result {
+                        Ok(mut res) => {
+                            let closed = this.shared.observe(*this.partition, &mut res);
+                            if res.status().is_success() {
+                                this.shared.succeeded(*this.partition);
+                            }
+                            if *this.probe {
+                                *this.probe = false;
+                                this.shared.probe_done(*this.partition, !closed);
+                            }
+                            return Poll::Ready(Ok(res));
+                        }
+                        Err(e) => e,
+                    };
+                    if *this.probe {
+                        *this.probe = false;
+                        this.shared.probe_done(*this.partition, false);
+                    }
+                    return Poll::Ready(Err(closed));
                 }
             }
         }

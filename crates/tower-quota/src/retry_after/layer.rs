@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Layer;
 
@@ -27,33 +28,145 @@ pub struct RetryAt {
 /// Far enough to mean "not in this process's lifetime", short enough for every clock to hold.
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
 
+/// One partition's gate.
+#[derive(Debug)]
+struct Gate {
+    /// Closed until then.
+    until: Instant,
+    /// After a closure the gate reopens slowly, as TCP's slow start does: `window` requests (the
+    /// probes) may be out at once, doubling with each one that comes back without closing the
+    /// gate again, back to 1 when one does; fully open (0) past [`OPEN_WINDOW`]. So the waiters do
+    /// not all arrive at once into another 429 when the server has room for only a few.
+    window: u32,
+    /// Probes out.
+    probes: u32,
+    /// 429s without a hint since the last success: each doubles the inferred cooldown.
+    strikes: u32,
+    /// Wakes the requests waiting for a probe's answer.
+    notify: Arc<Notify>,
+}
+
+/// The window past which a reopening gate is fully open.
+const OPEN_WINDOW: u32 = 32;
+
+/// What a request meets at its partition's gate.
+pub(crate) enum Meet {
+    /// Closed until then.
+    Closed(Instant),
+    /// Reopening, and as many probes are out as the window allows: wait for an answer.
+    Probing(Arc<Notify>),
+    /// Pass; as the probe if `probe`.
+    Pass {
+        /// This request is one of the reopening gate's probes.
+        probe: bool,
+    },
+}
+
 pub(crate) struct Shared {
-    gates: Mutex<HashMap<PartitionKey, Instant>>,
+    gates: Mutex<HashMap<PartitionKey, Gate>>,
     pub(crate) partitioner: Arc<dyn Partitioner>,
     classifier: Arc<dyn Classify>,
     wall: Arc<dyn WallClock>,
     pub(crate) max_wait: Option<Duration>,
     jitter: Duration,
+    inferred: Option<Duration>,
     rng: Mutex<SmallRng>,
 }
 
+/// The longest inferred cooldown.
+const MAX_INFERRED: Duration = Duration::from_secs(30);
+
 impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Gate>> {
+        self.gates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// When the partition's gate opens, if it is closed now.
     pub(crate) fn gate(&self, p: PartitionKey, now: Instant) -> Option<Instant> {
-        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        gates.get(&p).copied().filter(|&until| until > now)
+        self.lock()
+            .get(&p)
+            .map(|g| g.until)
+            .filter(|&until| until > now)
+    }
+
+    /// Meets the gate of `p`: closed, waiting for a probe, or pass (as a probe while the gate is
+    /// reopening and the window has room).
+    pub(crate) fn meet(&self, p: PartitionKey, now: Instant) -> Meet {
+        let mut gates = self.lock();
+        let Some(g) = gates.get_mut(&p) else {
+            return Meet::Pass { probe: false };
+        };
+        if g.until > now {
+            Meet::Closed(g.until)
+        } else if g.window == 0 {
+            Meet::Pass { probe: false }
+        } else if g.probes >= g.window {
+            Meet::Probing(g.notify.clone())
+        } else {
+            g.probes += 1;
+            Meet::Pass { probe: true }
+        }
+    }
+
+    /// A probe is done: answered without closing the gate again (`reopened`: the window doubles),
+    /// or closed it again, failed or gave up (the role goes to the next waiter).
+    pub(crate) fn probe_done(&self, p: PartitionKey, reopened: bool) {
+        let mut gates = self.lock();
+        if let Some(g) = gates.get_mut(&p) {
+            g.probes = g.probes.saturating_sub(1);
+            if reopened && g.window > 0 {
+                g.window = g.window.saturating_mul(2);
+                if g.window > OPEN_WINDOW {
+                    g.window = 0;
+                }
+            }
+            g.notify.notify_waiters();
+        }
+    }
+
+    /// Counts a 429 without a hint; returns how many came before it in this run of failures.
+    fn strike(&self, p: PartitionKey, now: Instant) -> u32 {
+        let mut gates = self.lock();
+        let g = gates.entry(p).or_insert_with(|| Gate {
+            until: now,
+            window: 0,
+            probes: 0,
+            strikes: 0,
+            notify: Arc::new(Notify::new()),
+        });
+        // 429s that were in flight together count once: only one that arrives while the gate is
+        // open strikes again.
+        if g.until <= now || g.strikes == 0 {
+            g.strikes += 1;
+        }
+        g.strikes - 1
+    }
+
+    /// A request of `p` succeeded: inferred cooldowns start over.
+    pub(crate) fn succeeded(&self, p: PartitionKey) {
+        let mut gates = self.lock();
+        if let Some(g) = gates.get_mut(&p) {
+            g.strikes = 0;
+        }
     }
 
     /// Closes the gate of `p` until `at` (or later, if it already is); returns when it opens.
     fn close(&self, p: PartitionKey, at: Instant, now: Instant) -> Instant {
-        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gates = self.lock();
         if gates.len() >= 1024 {
             // Forget the gates that are open again, so many keys cannot grow the map for ever.
-            gates.retain(|_, until| *until > now);
+            gates.retain(|_, g| g.until > now || g.probes > 0);
         }
-        let until = gates.entry(p).or_insert(at);
-        *until = (*until).max(at);
-        *until
+        let g = gates.entry(p).or_insert_with(|| Gate {
+            until: at,
+            window: 1,
+            probes: 0,
+            strikes: 0,
+            notify: Arc::new(Notify::new()),
+        });
+        g.until = g.until.max(at);
+        g.window = 1;
+        g.until
     }
 
     /// A fresh jitter in `[0, jitter]`.
@@ -66,32 +179,48 @@ impl Shared {
     }
 
     /// Reads a response's hint; closes the gate and tags the response when there is one.
-    pub(crate) fn observe<B>(&self, p: PartitionKey, res: &mut Response<B>) {
+    /// Returns whether it closed the gate.
+    pub(crate) fn observe<B>(&self, p: PartitionKey, res: &mut Response<B>) -> bool {
         let verdict = self
             .classifier
             .classify_response(res.status(), res.headers());
         if !verdict.outcome.is_retryable_by_default() {
-            return;
+            return false;
         }
         let signals = Signals::of_with(res, &*self.wall);
-        let Some(hint) = signals.hint() else { return };
         let received = signals.received_at();
-        let at = received
-            .checked_add(hint.delay)
-            .unwrap_or(received + FAR_FUTURE);
+        let (delay, source) = match signals.hint() {
+            Some(hint) => (hint.delay, hint.source),
+            None => match self.inferred.filter(|_| res.status() == 429) {
+                // A 429 that says nothing: pause the partition for an estimate that doubles with
+                // each such 429 until a success, then reopen it slowly. Without it, every waiter
+                // would learn the server's pace one 429 at a time.
+                Some(base) => {
+                    let strikes = self.strike(p, received);
+                    let factor = 1u32.checked_shl(strikes).unwrap_or(u32::MAX);
+                    (
+                        base.saturating_mul(factor).min(MAX_INFERRED),
+                        HintSource::Inferred,
+                    )
+                }
+                None => return false,
+            },
+        };
+        let at = received.checked_add(delay).unwrap_or(received + FAR_FUTURE);
         let until = self.close(p, at, received);
         tracing::debug!(
             partition = %p,
             status = res.status().as_u16(),
-            delay_ms = hint.delay.as_millis() as u64,
-            source = ?hint.source,
+            delay_ms = delay.as_millis() as u64,
+            source = ?source,
             "retry-after: gate closed"
         );
         res.extensions_mut().insert(RetryAt {
             at: until,
-            source: hint.source,
+            source,
             partition: p,
         });
+        true
     }
 }
 
@@ -113,6 +242,7 @@ struct Config {
     wall: Arc<dyn WallClock>,
     max_wait: Option<Duration>,
     jitter: Duration,
+    inferred: Option<Duration>,
     seed: Option<u64>,
 }
 
@@ -124,6 +254,11 @@ impl RetryAfterLayer {
     /// few refill ticks without costing noticeable time.
     pub const DEFAULT_JITTER: Duration = Duration::from_millis(100);
 
+    /// Default first inferred cooldown after a 429 with no hint at all: 250 ms, doubling with
+    /// each further one (up to 30 s) until a request succeeds. Short, because the gate reopens
+    /// slowly anyway; enough to stop a herd from learning the server's pace one 429 at a time.
+    pub const DEFAULT_INFERRED_COOLDOWN: Duration = Duration::from_millis(250);
+
     /// Gates keyed by API key fingerprint ([`ApiKey`]), the [`DefaultClassifier`], the system
     /// clock for HTTP-dates without a `Date` header, a 5-minute cap and up to 100 ms of jitter.
     pub fn new() -> Self {
@@ -133,6 +268,7 @@ impl RetryAfterLayer {
             wall: Arc::new(SystemClock),
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
             jitter: Self::DEFAULT_JITTER,
+            inferred: Some(Self::DEFAULT_INFERRED_COOLDOWN),
             seed: None,
         })
     }
@@ -150,6 +286,7 @@ impl RetryAfterLayer {
                 wall: c.wall,
                 max_wait: c.max_wait,
                 jitter: c.jitter,
+                inferred: c.inferred,
                 rng: Mutex::new(rng),
             }),
         }
@@ -163,6 +300,7 @@ impl RetryAfterLayer {
             wall: s.wall.clone(),
             max_wait: s.max_wait,
             jitter: s.jitter,
+            inferred: s.inferred,
             seed: None,
         }
     }
@@ -184,6 +322,12 @@ impl RetryAfterLayer {
     /// The largest random delay added after a gate opens (drawn per waiting request).
     pub fn jitter(self, max: Duration) -> Self {
         self.with(|c| c.jitter = max)
+    }
+
+    /// The first cooldown inferred after a 429 without any hint (`None`: such a 429 closes no
+    /// gate, and only the retry layer's backoff paces its own request).
+    pub fn inferred_cooldown(self, base: Option<Duration>) -> Self {
+        self.with(|c| c.inferred = base)
     }
 
     /// Seeds the jitter's random source (for reproducible tests).

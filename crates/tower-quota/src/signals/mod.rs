@@ -167,6 +167,9 @@ pub enum HintSource {
     RetryAfterDate,
     /// The reset of an exhausted bucket (any dialect).
     BucketReset(Bucket),
+    /// No header said: the Retry-After gate's own estimate after a 429 without a hint (never
+    /// produced by the parser).
+    Inferred,
 }
 
 /// A server's word on how long to wait, measured from [`Signals::received_at`].
