@@ -1,0 +1,555 @@
+//! A Redis [`BudgetStore`] for [tower-quota]: many processes, one API key, one quota.
+//!
+//! # Why
+//!
+//! Limits belong to the API key, not to the process. When many workers share one key, budgets kept
+//! in each process's memory each believe they own the whole quota, and the fleet sends N times too
+//! much (LiteLLM's distributed TPM check has exactly this bug: its cap becomes limit x replicas).
+//! [`RedisStore`] keeps the buckets in Redis, so every process reserves from the same ones.
+//!
+//! # How
+//!
+//! - **One Lua script per operation** (reserve, adjust, cooldown, learn, snapshot): GCRA per bucket
+//!   on the Redis server's clock (`TIME`, so the workers' clocks do not matter), weighted costs,
+//!   every bucket of every scope admitted or none, signed adjustments (refunds, extra charges), the
+//!   partition's cooldown checked in the same script, the state key's TTL set to the time until
+//!   every bucket is full, integer replies only. Limits travel with every call: change them with no
+//!   migration.
+//! - **EVALSHA, reloading the script** when the server lost it (a restart, `SCRIPT FLUSH`): redis-rs's
+//!   [`redis::Script`] does this.
+//! - **Keys** carry the partition's fingerprint (never the API key) inside braces, so a partition's
+//!   keys share a hash slot (cluster-safe). A reservation over two scopes (a key and the global
+//!   cap) touches two slots: on Redis Cluster, give the store one hash tag for everything
+//!   ([`RedisStore::single_slot`]).
+//! - **Only the head of each process's queue asks Redis**: the [`TokenBudgetLayer`] admits requests
+//!   of a partition one at a time in FIFO order, so a process with a thousand waiting requests
+//!   sends one script call per wait, not a thousand.
+//! - **When Redis is slow or down**: every call has a short timeout (default 50 ms). On a failure
+//!   the store switches to its [`OnFailure`] policy: by default a local in-memory budget with each
+//!   limit divided by the expected number of workers; or admit everything (fail open); or refuse
+//!   (fail closed). It tries Redis again every second and switches back as soon as it answers.
+//!   Every switch is a `tracing` event.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tower_quota::budget::{Limits, TokenBudgetLayer};
+//! use tower_quota_redis::{OnFailure, RedisStore};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let store = RedisStore::connect("redis://127.0.0.1:6379/")
+//!     .await?
+//!     .on_failure(OnFailure::Fallback { workers: 4 });
+//! let budget = TokenBudgetLayer::new(Limits::new().rpm(50).itpm(30_000).otpm(8_000)).store(store);
+//! # let _ = budget; Ok(()) }
+//! ```
+//!
+//! [tower-quota]: tower_quota
+//! [`TokenBudgetLayer`]: tower_quota::budget::TokenBudgetLayer
+
+#![forbid(unsafe_code)]
+
+mod scripts;
+
+use redis::aio::ConnectionManager;
+use redis::{Client, RedisError};
+use scripts::Scripts;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_quota::budget::{
+    Admission, Bucket, BudgetStore, Charged, Cost, Delta, Learned, Limit, Limits, MemoryStore,
+    Scope, Snapshot, StoreError, StoreFuture, WaitReason,
+};
+use tower_quota::partition::PartitionKey;
+
+/// What the store does while Redis does not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Keep a local in-memory budget, each limit divided by `workers` (the processes expected to
+    /// share the key), so the fleet stays near the quota without Redis. The default, with 1 worker.
+    Fallback {
+        /// How many processes share each key.
+        workers: u32,
+    },
+    /// Admit every request (rely on the server's 429s and the Retry-After gate).
+    FailOpen,
+    /// Refuse every reservation with an error until Redis answers.
+    FailClosed,
+}
+
+/// A [`BudgetStore`] in Redis, shared by every process that uses the same Redis and prefix.
+/// Cloning is cheap; clones share the connection and the health state.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    scripts: Scripts,
+    prefix: String,
+    single_slot: bool,
+    timeout: Duration,
+    on_failure: OnFailure,
+    fallback: MemoryStore,
+    health: Mutex<Health>,
+}
+
+#[derive(Debug)]
+struct Health {
+    down_since: Option<Instant>,
+    next_try: Instant,
+}
+
+/// How long Redis is left alone after a failure before it is tried again.
+const RETRY_REDIS_AFTER: Duration = Duration::from_secs(1);
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("on_failure", &self.inner.on_failure)
+            .field("redis_up", &self.is_up())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Default timeout of one script call: 50 ms, a hundred times a loopback round trip, short
+    /// enough that a stalled Redis costs a request little before the fallback takes over.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+    /// Connects to `url` (`redis://host:port/db`) with a `ConnectionManager` (reconnects on its
+    /// own), keys prefixed `tq:`, the default timeout and the local fallback for one worker.
+    ///
+    /// # Errors
+    ///
+    /// If the URL is invalid or Redis cannot be reached now.
+    pub async fn connect(url: &str) -> Result<Self, RedisError> {
+        let client = Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self::from_connection(conn))
+    }
+
+    /// A store over an existing connection manager.
+    pub fn from_connection(conn: ConnectionManager) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                conn,
+                scripts: Scripts::new(),
+                prefix: "tq:".to_owned(),
+                single_slot: false,
+                timeout: Self::DEFAULT_TIMEOUT,
+                on_failure: OnFailure::Fallback { workers: 1 },
+                fallback: MemoryStore::default(),
+                health: Mutex::new(Health {
+                    down_since: None,
+                    next_try: Instant::now(),
+                }),
+            }),
+        }
+    }
+
+    fn rebuild(&self, f: impl FnOnce(&mut Inner)) -> Self {
+        let i = &self.inner;
+        let mut inner = Inner {
+            conn: i.conn.clone(),
+            scripts: Scripts::new(),
+            prefix: i.prefix.clone(),
+            single_slot: i.single_slot,
+            timeout: i.timeout,
+            on_failure: i.on_failure,
+            fallback: MemoryStore::default(),
+            health: Mutex::new(Health {
+                down_since: None,
+                next_try: Instant::now(),
+            }),
+        };
+        f(&mut inner);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The key prefix (default `tq:`): stores with different prefixes share nothing.
+    pub fn prefix(self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        self.rebuild(|i| i.prefix = prefix)
+    }
+
+    /// One hash slot for every key, so reservations over several scopes work on Redis Cluster.
+    pub fn single_slot(self) -> Self {
+        self.rebuild(|i| i.single_slot = true)
+    }
+
+    /// The timeout of one script call.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.rebuild(|i| i.timeout = timeout)
+    }
+
+    /// What to do while Redis does not answer.
+    pub fn on_failure(self, policy: OnFailure) -> Self {
+        self.rebuild(|i| i.on_failure = policy)
+    }
+
+    /// Whether the last call reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.health().down_since.is_none()
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.inner.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn keys(&self, p: PartitionKey) -> (String, String) {
+        let prefix = &self.inner.prefix;
+        if self.inner.single_slot {
+            (format!("{{{prefix}}}{p}:s"), format!("{{{prefix}}}{p}:l"))
+        } else {
+            (format!("{prefix}{{{p}}}:s"), format!("{prefix}{{{p}}}:l"))
+        }
+    }
+
+    /// Whether to ask Redis now (up, or down long enough to try again).
+    fn should_try(&self) -> bool {
+        let h = self.health();
+        h.down_since.is_none() || Instant::now() >= h.next_try
+    }
+
+    fn mark(&self, ok: bool, what: &str, error: Option<&str>) {
+        let mut h = self.health();
+        let now = Instant::now();
+        match (ok, h.down_since) {
+            (true, Some(since)) => {
+                tracing::info!(
+                    down_for_ms = now.saturating_duration_since(since).as_millis() as u64,
+                    "budget store: Redis answers again, back to the shared budget"
+                );
+                h.down_since = None;
+            }
+            (false, None) => {
+                tracing::warn!(
+                    operation = what,
+                    error = error.unwrap_or("timeout"),
+                    policy = ?self.inner.on_failure,
+                    "budget store: Redis failed, switching to the failure policy"
+                );
+                h.down_since = Some(now);
+                h.next_try = now + RETRY_REDIS_AFTER;
+            }
+            (false, Some(_)) => h.next_try = now + RETRY_REDIS_AFTER,
+            (true, None) => {}
+        }
+    }
+
+    /// Runs a Redis call under the timeout; `None` if it failed (the health is updated).
+    async fn call<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, RedisError>>,
+    ) -> Option<T> {
+        if !self.should_try() {
+            return None;
+        }
+        match tokio::time::timeout(self.inner.timeout, f).await {
+            Ok(Ok(v)) => {
+                self.mark(true, what, None);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.mark(false, what, Some(&e.to_string()));
+                None
+            }
+            Err(_) => {
+                self.mark(false, what, None);
+                None
+            }
+        }
+    }
+
+    /// The scopes as the fallback sees them: each limit divided among the workers.
+    fn local_scopes(&self, scopes: &[Scope], workers: u32) -> Vec<Scope> {
+        scopes
+            .iter()
+            .map(|s| {
+                let mut limits = s.limits;
+                for b in Bucket::ALL {
+                    limits.set(b, s.limits.get(b).map(|l| share(l, workers)));
+                }
+                Scope {
+                    partition: s.partition,
+                    limits,
+                }
+            })
+            .collect()
+    }
+
+    fn invoke_args(scopes: &[Scope]) -> Vec<u64> {
+        let mut v = Vec::with_capacity(8 * scopes.len());
+        for s in scopes {
+            v.extend(limit_args(&s.limits));
+        }
+        v
+    }
+
+    async fn redis_reserve(&self, scopes: &[Scope], cost: Cost) -> Option<Admission> {
+        let mut inv = self.inner.scripts.reserve.prepare_invoke();
+        for s in scopes {
+            let (sk, lk) = self.keys(s.partition);
+            inv.key(sk).key(lk);
+        }
+        inv.arg(scopes.len())
+            .arg(cost.requests)
+            .arg(cost.input_tokens)
+            .arg(cost.output_tokens)
+            .arg(Self::invoke_args(scopes));
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<i64> = self.call("reserve", inv.invoke_async(&mut conn)).await?;
+        Some(decode_admission(&reply, scopes))
+    }
+}
+
+/// A limit's share for one of `workers` processes.
+fn share(l: Limit, workers: u32) -> Limit {
+    let w = u64::from(workers.max(1));
+    Limit {
+        per_minute: (l.per_minute / w).max(1),
+        burst: Some((l.capacity() / w).max(1)),
+    }
+}
+
+fn limit_args(l: &Limits) -> [u64; 8] {
+    let mut a = [0; 8];
+    for (i, b) in Bucket::ALL.into_iter().enumerate() {
+        if let Some(limit) = l.get(b) {
+            a[2 * i] = limit.per_minute;
+            a[2 * i + 1] = limit.capacity();
+        }
+    }
+    a
+}
+
+fn bucket(n: i64) -> Bucket {
+    Bucket::ALL[(n.clamp(0, 3)) as usize]
+}
+
+fn decode_admission(r: &[i64], scopes: &[Scope]) -> Admission {
+    let get = |i: usize| r.get(i).copied().unwrap_or(0);
+    let partition = scopes
+        .get(get(3).max(0) as usize)
+        .map_or(PartitionKey::ANONYMOUS, |s| s.partition);
+    match get(0) {
+        0 => Admission::Granted {
+            charged: Charged(get(6) as u16),
+        },
+        1 => Admission::Wait {
+            retry_in: Duration::from_micros(get(1).max(0) as u64),
+            partition,
+            reason: if get(2) == 4 {
+                WaitReason::Cooldown
+            } else {
+                WaitReason::Bucket(bucket(get(2)))
+            },
+        },
+        _ => Admission::TooLarge {
+            partition,
+            bucket: bucket(get(2)),
+            needed: get(4).max(0) as u64,
+            capacity: get(5).max(0) as u64,
+        },
+    }
+}
+
+fn failed_closed() -> StoreError {
+    StoreError("Redis does not answer and the store fails closed".into())
+}
+
+impl BudgetStore for RedisStore {
+    fn reserve<'a>(&'a self, scopes: &'a [Scope], cost: Cost) -> StoreFuture<'a, Admission> {
+        Box::pin(async move {
+            if let Some(a) = self.redis_reserve(scopes, cost).await {
+                return Ok(a);
+            }
+            match self.inner.on_failure {
+                OnFailure::Fallback { workers } => {
+                    let local = self.local_scopes(scopes, workers);
+                    Ok(self.inner.fallback.reserve_now(&local, cost))
+                }
+                // Nothing charged anywhere: nothing to settle later.
+                OnFailure::FailOpen => Ok(Admission::Granted {
+                    charged: Charged::NONE,
+                }),
+                OnFailure::FailClosed => Err(failed_closed()),
+            }
+        })
+    }
+
+    fn adjust<'a>(&'a self, scopes: &'a [Scope], delta: Delta) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut inv = self.inner.scripts.adjust.prepare_invoke();
+            for s in scopes {
+                let (sk, lk) = self.keys(s.partition);
+                inv.key(sk).key(lk);
+            }
+            inv.arg(scopes.len())
+                .arg(delta.requests)
+                .arg(delta.input_tokens)
+                .arg(delta.output_tokens)
+                .arg(delta.only.0)
+                .arg(Self::invoke_args(scopes));
+            let mut conn = self.inner.conn.clone();
+            if self
+                .call::<i64>("adjust", inv.invoke_async(&mut conn))
+                .await
+                .is_some()
+            {
+                return Ok(());
+            }
+            if let OnFailure::Fallback { workers } = self.inner.on_failure {
+                let local = self.local_scopes(scopes, workers);
+                self.inner.fallback.adjust_now(&local, delta);
+            }
+            Ok(())
+        })
+    }
+
+    fn cooldown<'a>(&'a self, partition: PartitionKey, duration: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let (sk, _) = self.keys(partition);
+            let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX / 2);
+            let mut inv = self.inner.scripts.cooldown.prepare_invoke();
+            inv.key(sk).arg(us);
+            let mut conn = self.inner.conn.clone();
+            if self
+                .call::<i64>("cooldown", inv.invoke_async(&mut conn))
+                .await
+                .is_none()
+            {
+                self.inner.fallback.cooldown(partition, duration).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn learn<'a>(&'a self, partition: PartitionKey, learned: &'a [Learned]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let (sk, lk) = self.keys(partition);
+            let mut args = [-1i64; 8];
+            for l in learned {
+                let i = l.bucket as usize;
+                args[2 * i] = l.limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+                args[2 * i + 1] = l.remaining.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+            }
+            let mut inv = self.inner.scripts.learn.prepare_invoke();
+            inv.key(sk).key(lk).arg(&args[..]);
+            let mut conn = self.inner.conn.clone();
+            if self
+                .call::<i64>("learn", inv.invoke_async(&mut conn))
+                .await
+                .is_none()
+            {
+                if let OnFailure::Fallback { workers } = self.inner.on_failure {
+                    let w = u64::from(workers.max(1));
+                    let local: Vec<Learned> = learned
+                        .iter()
+                        .map(|l| Learned {
+                            bucket: l.bucket,
+                            limit: l.limit.map(|n| (n / w).max(1)),
+                            remaining: l.remaining.map(|n| n / w),
+                        })
+                        .collect();
+                    self.inner.fallback.learn(partition, &local).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        partition: PartitionKey,
+        limits: Limits,
+    ) -> StoreFuture<'a, Option<Snapshot>> {
+        Box::pin(async move {
+            let (sk, lk) = self.keys(partition);
+            let mut inv = self.inner.scripts.snapshot.prepare_invoke();
+            inv.key(sk).key(lk).arg(&limit_args(&limits)[..]);
+            let mut conn = self.inner.conn.clone();
+            let Some(r) = self
+                .call::<Vec<i64>>("snapshot", inv.invoke_async(&mut conn))
+                .await
+            else {
+                return self.inner.fallback.snapshot(partition, limits).await;
+            };
+            let mut snap = Snapshot::default();
+            for b in 0..4 {
+                if r.get(3 * b).copied() == Some(1) {
+                    let level = r.get(3 * b + 1).copied().unwrap_or(0) as f64 / 1000.0;
+                    let cap = r.get(3 * b + 2).copied().unwrap_or(0).max(0) as u64;
+                    snap.buckets[b] = Some((level, cap));
+                }
+            }
+            let cd = r.get(12).copied().unwrap_or(0);
+            snap.cooldown = (cd > 0).then(|| Duration::from_micros(cd as u64));
+            Ok(Some(snap))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_and_args() {
+        assert_eq!(
+            share(Limit::per_minute(100), 4),
+            Limit {
+                per_minute: 25,
+                burst: Some(25)
+            }
+        );
+        assert_eq!(share(Limit::per_minute(3), 4).per_minute, 1);
+        let a = limit_args(&Limits::new().rpm(60).otpm(8000));
+        assert_eq!(a, [60, 60, 0, 0, 0, 0, 8000, 8000]);
+    }
+
+    #[test]
+    fn replies_decode() {
+        let scopes = [Scope {
+            partition: PartitionKey::from_u64(5),
+            limits: Limits::new(),
+        }];
+        assert_eq!(
+            decode_admission(&[0, 0, 0, 0, 0, 0, 3], &scopes),
+            Admission::Granted {
+                charged: Charged(3)
+            }
+        );
+        assert_eq!(
+            decode_admission(&[1, 1500, 4, 0, 0, 0, 0], &scopes),
+            Admission::Wait {
+                retry_in: Duration::from_micros(1500),
+                partition: PartitionKey::from_u64(5),
+                reason: WaitReason::Cooldown
+            }
+        );
+        assert_eq!(
+            decode_admission(&[2, 0, 2, 0, 250, 100, 0], &scopes),
+            Admission::TooLarge {
+                partition: PartitionKey::from_u64(5),
+                bucket: Bucket::InputTokens,
+                needed: 250,
+                capacity: 100
+            }
+        );
+    }
+}

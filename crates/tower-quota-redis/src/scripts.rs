@@ -1,0 +1,231 @@
+//! The Lua scripts, one per operation.
+//!
+//! Each bucket is a GCRA cell on the Redis server's clock (`TIME`, microseconds): its theoretical
+//! arrival time `t<b>` says how much is used (`(tat - now) / interval` units), which is exactly a
+//! continuously refilling token bucket: the level is `capacity - used`. A refund moves `tat` back
+//! (never before `now`: a bucket never holds more than its capacity), a charge moves it forward
+//! (past `now + capacity * interval` the bucket is in debt). Bucket numbers follow
+//! `tower_quota::budget::Bucket::ALL`: 0 requests, 1 tokens, 2 input tokens, 3 output tokens.
+//!
+//! Keys: per partition, a state hash `{prefix}{<fingerprint>}:s` (fields `t<b>`, `i<b>` the interval
+//! in microseconds, `c<b>` the capacity, `cd` the cooldown's end) whose TTL is the time until every
+//! bucket is full again, and a hash of learned limits `{prefix}{<fingerprint>}:l` (fields `l<b>`,
+//! TTL one hour). The braces make the partition's keys share a hash slot (cluster-safe).
+//!
+//! Limits travel with every call (per scope: per-minute limit and capacity for each bucket, 0 for
+//! unset), so changing them needs no migration. Replies are integers only: Lua numbers are doubles
+//! and Redis truncates them when it returns them.
+
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local EPS = 1e-6
+
+local function state(key)
+  local raw = redis.call('HGETALL', key)
+  local st = {}
+  for i = 1, #raw, 2 do st[raw[i]] = tonumber(raw[i + 1]) end
+  return st
+end
+
+-- The limit of bucket b: configured (per minute, capacity), else learned, else nil.
+local function limit(lk, pm, cap, b)
+  if pm == 0 then
+    local l = redis.call('HGET', lk, 'l' .. b)
+    if l then pm = tonumber(l); cap = pm end
+  end
+  if pm == nil or pm <= 0 then return nil end
+  if cap == 0 then cap = pm end
+  return pm, cap
+end
+
+-- Units used in bucket b under interval T (the limit may have changed: what was used stays used).
+local function used(st, b, T)
+  local tat = st['t' .. b] or 0
+  local oldT = st['i' .. b] or T
+  if tat <= now or oldT <= 0 then return 0 end
+  return (tat - now) / oldT
+end
+
+local function set(sk, st, b, T, cap, u)
+  if u < 0 then u = 0 end
+  st['t' .. b] = now + u * T
+  st['i' .. b] = T
+  st['c' .. b] = cap
+  redis.call('HSET', sk, 't' .. b, string.format('%.3f', st['t' .. b]), 'i' .. b, string.format('%.6f', T), 'c' .. b, cap)
+end
+
+-- The state key lives until every bucket is full and the cooldown is over.
+local function expire(sk, st)
+  local horizon = (st['cd'] or 0) - now
+  for b = 0, 3 do
+    local tat = st['t' .. b]
+    if tat and tat - now > horizon then horizon = tat - now end
+  end
+  redis.call('PEXPIRE', sk, math.floor(horizon / 1000) + 1000)
+end
+"#;
+
+/// KEYS: per scope, its state and learned keys. ARGV: scopes, cost (requests, input, output), then
+/// per scope 8 numbers (per-minute limit and capacity of each bucket). Reply: {0, 0, 0, 0, 0, 0,
+/// charged mask} granted; {1, wait µs, bucket or 4 for a cooldown, scope, 0, 0, 0} wait;
+/// {2, 0, bucket, scope, needed, capacity, 0} too large.
+const RESERVE: &str = r#"
+local n = tonumber(ARGV[1])
+local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local function need(b)
+  if b == 0 then return cost[1] elseif b == 1 then return cost[2] + cost[3]
+  elseif b == 2 then return cost[2] else return cost[3] end
+end
+local wait, wreason, wscope = 0, 0, 0
+local plans = {}
+for s = 0, n - 1 do
+  local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
+  local st = state(sk)
+  local plan = {sk = sk, st = st, buckets = {}}
+  local cd = st['cd'] or 0
+  if cd - now > wait then wait = cd - now; wreason = 4; wscope = s end
+  for b = 0, 3 do
+    local pm, cap = limit(lk, tonumber(ARGV[5 + s * 8 + 2 * b]), tonumber(ARGV[6 + s * 8 + 2 * b]), b)
+    if pm then
+      local T = 60000000 / pm
+      local q = need(b)
+      if q > cap then return {2, 0, b, s, q, cap, 0} end
+      local u = used(st, b, T)
+      local missing = u + q - cap
+      if missing > EPS and missing * T > wait then wait = missing * T; wreason = b; wscope = s end
+      table.insert(plan.buckets, {b = b, T = T, cap = cap, u = u + q})
+    end
+  end
+  plans[s + 1] = plan
+end
+if wait > 0 then
+  local w = math.ceil(wait)
+  if w < 1000 then w = 1000 end
+  return {1, w, wreason, wscope, 0, 0, 0}
+end
+local mask = 0
+for s = 0, n - 1 do
+  local plan = plans[s + 1]
+  for _, x in ipairs(plan.buckets) do
+    set(plan.sk, plan.st, x.b, x.T, x.cap, x.u)
+    mask = mask + 2 ^ (4 * s + x.b)
+  end
+  expire(plan.sk, plan.st)
+end
+return {0, 0, 0, 0, 0, 0, mask}
+"#;
+
+/// KEYS: as for reserve. ARGV: scopes, delta (requests, input, output), charged mask, then the
+/// limits as for reserve. Moves each charged bucket by its delta (a refund never past full).
+const ADJUST: &str = r#"
+local n = tonumber(ARGV[1])
+local d = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local mask = tonumber(ARGV[5])
+local function delta(b)
+  if b == 0 then return d[1] elseif b == 1 then return d[2] + d[3]
+  elseif b == 2 then return d[2] else return d[3] end
+end
+for s = 0, n - 1 do
+  local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
+  local st = state(sk)
+  for b = 0, 3 do
+    local bit = 2 ^ (4 * s + b)
+    if math.floor(mask / bit) % 2 == 1 then
+      local pm, cap = limit(lk, tonumber(ARGV[6 + s * 8 + 2 * b]), tonumber(ARGV[7 + s * 8 + 2 * b]), b)
+      if pm then
+        local T = 60000000 / pm
+        set(sk, st, b, T, cap, used(st, b, T) + delta(b))
+      end
+    end
+  end
+  expire(sk, st)
+end
+return 0
+"#;
+
+/// KEYS: the state key. ARGV: the cooldown in µs. Extends the partition's cooldown.
+const COOLDOWN: &str = r#"
+local st = state(KEYS[1])
+local until_ = now + tonumber(ARGV[1])
+if until_ > (st['cd'] or 0) then
+  st['cd'] = until_
+  redis.call('HSET', KEYS[1], 'cd', string.format('%.0f', until_))
+end
+expire(KEYS[1], st)
+return 0
+"#;
+
+/// KEYS: state, learned. ARGV: per bucket, limit and remaining (-1 for unknown). Learned limits are
+/// stored; a remaining count pulls the bucket down to it, never up.
+const LEARN: &str = r#"
+local sk, lk = KEYS[1], KEYS[2]
+local st = state(sk)
+for b = 0, 3 do
+  local l = tonumber(ARGV[1 + 2 * b])
+  local r = tonumber(ARGV[2 + 2 * b])
+  if l > 0 then
+    redis.call('HSET', lk, 'l' .. b, l)
+    redis.call('EXPIRE', lk, 3600)
+  end
+  if r >= 0 then
+    local T = st['i' .. b]
+    local cap = st['c' .. b]
+    if not T then
+      local learned = redis.call('HGET', lk, 'l' .. b)
+      if learned then T = 60000000 / tonumber(learned); cap = tonumber(learned) end
+    end
+    if T then
+      local u = used(st, b, T)
+      if cap - r > u then set(sk, st, b, T, cap, cap - r) end
+    end
+  end
+end
+expire(sk, st)
+return 0
+"#;
+
+/// KEYS: state, learned. ARGV: the limits of one scope (8 numbers). Reply: per bucket {exists,
+/// level in thousandths, capacity}, then the cooldown left in µs.
+const SNAPSHOT: &str = r#"
+local sk, lk = KEYS[1], KEYS[2]
+local st = state(sk)
+local out = {}
+for b = 0, 3 do
+  local pm, cap = limit(lk, tonumber(ARGV[1 + 2 * b]), tonumber(ARGV[2 + 2 * b]), b)
+  if pm then
+    local T = 60000000 / pm
+    table.insert(out, 1)
+    table.insert(out, math.floor((cap - used(st, b, T)) * 1000 + 0.5))
+    table.insert(out, cap)
+  else
+    table.insert(out, 0); table.insert(out, 0); table.insert(out, 0)
+  end
+end
+local cd = (st['cd'] or 0) - now
+if cd < 0 then cd = 0 end
+table.insert(out, math.floor(cd))
+return out
+"#;
+
+/// The five scripts.
+pub(crate) struct Scripts {
+    pub(crate) reserve: redis::Script,
+    pub(crate) adjust: redis::Script,
+    pub(crate) cooldown: redis::Script,
+    pub(crate) learn: redis::Script,
+    pub(crate) snapshot: redis::Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        let s = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        Self {
+            reserve: s(RESERVE),
+            adjust: s(ADJUST),
+            cooldown: s(COOLDOWN),
+            learn: s(LEARN),
+            snapshot: s(SNAPSHOT),
+        }
+    }
+}

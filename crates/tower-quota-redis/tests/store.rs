@@ -1,0 +1,303 @@
+//! RedisStore against a real redis-server on loopback: the conformance suite, the same decisions
+//! as the in-memory store, and the failure policy under faults.
+
+mod support;
+
+use std::time::Duration;
+use support::RedisServer;
+use tower_quota::budget::{
+    Admission, Bucket, BudgetStore, Charged, Cost, Delta, Limits, MemoryStore, Scope, WaitReason,
+    conformance,
+};
+use tower_quota::partition::PartitionKey;
+use tower_quota_redis::{OnFailure, RedisStore};
+
+async fn store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url()).await.expect("connect")
+}
+
+#[tokio::test]
+async fn the_redis_store_passes_the_conformance_suite() {
+    let server = RedisServer::start().await;
+    let s = store(&server).await;
+    conformance::run_all(&s, 1).await;
+    assert!(s.is_up());
+    // A second namespace on the same server: keys do not collide.
+    conformance::run_all(&s, 2).await;
+}
+
+/// The kind of an admission, for comparing decisions across stores whose clocks differ by the
+/// time the calls take.
+fn kind(a: &Admission) -> String {
+    match a {
+        Admission::Granted { charged } => format!("granted {charged:?}"),
+        Admission::Wait { reason, .. } => format!("wait {reason:?}"),
+        Admission::TooLarge {
+            bucket,
+            needed,
+            capacity,
+            ..
+        } => format!("too large {bucket} {needed}/{capacity}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_and_memory_make_the_same_decisions() {
+    let server = RedisServer::start().await;
+    let redis = store(&server).await;
+    let memory = MemoryStore::default();
+    let p = PartitionKey::fingerprint(b"sk-compare");
+    let g = PartitionKey::fingerprint(b"global-compare");
+    // Slow refill (a unit a second at most): the stores' clocks may differ by milliseconds.
+    let scopes = [
+        Scope {
+            partition: p,
+            limits: Limits::new().rpm(30).itpm(600).otpm(300),
+        },
+        Scope {
+            partition: g,
+            limits: Limits::new().rpm(40),
+        },
+    ];
+    let mut x: u64 = 7;
+    let mut decisions = Vec::new();
+    for step in 0..300 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (x >> 33) % 10;
+        if r < 7 {
+            let input = if (x >> 20) % 10 == 0 {
+                700
+            } else {
+                (x >> 40) % 120
+            };
+            let cost = Cost::new(input, (x >> 50) % 90);
+            let a = redis.reserve(&scopes, cost).await.unwrap();
+            let b = memory.reserve(&scopes, cost).await.unwrap();
+            assert_eq!(kind(&a), kind(&b), "step {step}: {cost:?}");
+            if let (Admission::Wait { retry_in: wa, .. }, Admission::Wait { retry_in: wb, .. }) =
+                (a, b)
+            {
+                let diff = wa.as_secs_f64() - wb.as_secs_f64();
+                assert!(diff.abs() < 0.05, "step {step}: waits {wa:?} vs {wb:?}");
+            }
+            decisions.push(kind(&a));
+        } else if r < 9 {
+            let delta = Delta {
+                input_tokens: ((x >> 40) % 100) as i64 - 60,
+                output_tokens: ((x >> 48) % 80) as i64 - 50,
+                ..Delta::default()
+            };
+            redis.adjust(&scopes, delta).await.unwrap();
+            memory.adjust(&scopes, delta).await.unwrap();
+        } else {
+            redis.cooldown(p, Duration::from_millis(200)).await.unwrap();
+            memory
+                .cooldown(p, Duration::from_millis(200))
+                .await
+                .unwrap();
+            let a = redis.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+            let b = memory.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+            assert_eq!(kind(&a), kind(&b), "step {step}: cooldown");
+            tokio::time::sleep(Duration::from_millis(210)).await;
+        }
+        for b in Bucket::ALL {
+            let la = redis
+                .snapshot(p, scopes[0].limits)
+                .await
+                .unwrap()
+                .unwrap()
+                .bucket(b);
+            let lb = memory
+                .snapshot(p, scopes[0].limits)
+                .await
+                .unwrap()
+                .unwrap()
+                .bucket(b);
+            match (la, lb) {
+                (Some((a, ca)), Some((b2, cb))) => {
+                    assert_eq!(ca, cb);
+                    assert!((a - b2).abs() < 0.5, "step {step} {b}: {a} vs {b2}");
+                }
+                (a, b2) => assert_eq!(a.is_some(), b2.is_some(), "step {step} {b}"),
+            }
+        }
+    }
+    // The sequence exercised every kind of answer.
+    assert!(decisions.iter().any(|d| d.starts_with("granted")));
+    assert!(decisions.iter().any(|d| d.starts_with("wait")));
+    assert!(decisions.iter().any(|d| d.starts_with("too large")));
+}
+
+#[tokio::test]
+async fn a_flushed_script_is_loaded_again() {
+    let server = RedisServer::start().await;
+    let s = store(&server).await;
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-flush"),
+        limits: Limits::new().rpm(100),
+    }];
+    assert!(matches!(
+        s.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
+        Admission::Granted { .. }
+    ));
+    server.command(&["SCRIPT", "FLUSH"]).await;
+    assert!(matches!(
+        s.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
+        Admission::Granted { .. }
+    ));
+    assert!(
+        s.is_up(),
+        "EVALSHA failed over to loading the script, not to the fallback"
+    );
+    let snap = s
+        .snapshot(scopes[0].partition, scopes[0].limits)
+        .await
+        .unwrap()
+        .unwrap();
+    let (level, _) = snap.bucket(Bucket::Requests).unwrap();
+    assert!(
+        (level - 98.0).abs() < 0.5,
+        "{level}: both reservations are in Redis"
+    );
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_and_comes_back_on_its_own() {
+    let mut server = RedisServer::start().await;
+    let s = store(&server)
+        .await
+        .on_failure(OnFailure::Fallback { workers: 4 });
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-down"),
+        limits: Limits::new().rpm(6000),
+    }];
+    assert!(matches!(
+        s.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
+        Admission::Granted { .. }
+    ));
+    server.stop();
+    // Redis is gone: the local fallback answers, with a quarter of the limit (4 workers).
+    let mut granted = 0;
+    for _ in 0..2000 {
+        match s.reserve(&scopes, Cost::new(0, 0)).await.unwrap() {
+            Admission::Granted { .. } => granted += 1,
+            Admission::Wait { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!s.is_up());
+    assert_eq!(granted, 1500, "the fallback holds 6000 / 4 as its burst");
+    server.restart().await;
+    // Within a second or two (the retry interval, the reconnect), calls reach Redis again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+        if s.is_up() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never came back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_redis_times_out_into_the_policy_and_recovers() {
+    let server = RedisServer::start().await;
+    let s = store(&server).await;
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-stall"),
+        limits: Limits::new().rpm(600),
+    }];
+    let stall = {
+        let url = server.url();
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let _: Result<redis::Value, _> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(1)
+                .query_async(&mut conn)
+                .await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = tokio::time::Instant::now();
+    let a = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+    assert!(matches!(a, Admission::Granted { .. }), "{a:?}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "the timeout bounds the wait: {:?}",
+        t0.elapsed()
+    );
+    assert!(!s.is_up());
+    stall.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.is_up() {
+        let _ = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn fail_open_and_fail_closed() {
+    let mut server = RedisServer::start().await;
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-policy"),
+        limits: Limits::new().rpm(1),
+    }];
+    let open = store(&server).await.on_failure(OnFailure::FailOpen);
+    let closed = store(&server).await.on_failure(OnFailure::FailClosed);
+    server.stop();
+    for _ in 0..3 {
+        assert_eq!(
+            open.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
+            Admission::Granted {
+                charged: Charged::NONE
+            }
+        );
+    }
+    let err = closed.reserve(&scopes, Cost::new(0, 0)).await.unwrap_err();
+    assert!(err.to_string().contains("fails closed"), "{err}");
+    let _ = WaitReason::Cooldown;
+}
+
+#[tokio::test]
+async fn keys_carry_the_fingerprint_never_the_key() {
+    let server = RedisServer::start().await;
+    let s = store(&server).await;
+    let p = PartitionKey::fingerprint(b"sk-ant-very-secret");
+    let scopes = [Scope {
+        partition: p,
+        limits: Limits::new().rpm(10),
+    }];
+    s.reserve(&scopes, Cost::new(1, 1)).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        assert!(!k.contains("secret"), "{k}");
+        assert!(
+            k.contains(&format!("{{{p}}}")),
+            "{k}: the partition's hash tag"
+        );
+    }
+    // The state key expires when the bucket is full again (a request of 10/min: 6 s).
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("tq:{{{p}}}:s"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((6_000..=8_000).contains(&ttl), "{ttl}");
+    assert!(!format!("{s:?}").contains("secret"));
+}
