@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
-cargo build --release --examples -p examples -p tower-quota-sim -p tower-quota-bench --bins
+cargo build --release --examples -p examples
+cargo build --release -p tower-quota-sim -p tower-quota-bench --bins
 bin=target/release
 json_field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
 
@@ -39,10 +40,11 @@ for style in seconds http-date ms none; do
   done
 done
 
-echo "--- hyper_client, custom_service, axum_upstream"
+echo "--- hyper_client, custom_service, axum_upstream, shared_quota"
 $bin/examples/hyper_client
 $bin/examples/custom_service
 $bin/examples/axum_upstream
+$bin/examples/shared_quota
 
 echo "--- goodput benchmark (short, in process)"
 $bin/goodput --requests 300 --http-requests 0 > target/goodput-short.md

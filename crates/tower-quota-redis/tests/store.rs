@@ -301,3 +301,75 @@ async fn keys_carry_the_fingerprint_never_the_key() {
     assert!((6_000..=8_000).contains(&ttl), "{ttl}");
     assert!(!format!("{s:?}").contains("secret"));
 }
+
+#[tokio::test]
+async fn the_budget_layer_loses_no_request_while_redis_restarts() {
+    use http::Request;
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt};
+    use tower_quota::budget::TokenBudgetLayer;
+    use tower_quota_sim::{Limits as SimLimits, MessagesRequest, SimConfig, Simulator};
+
+    let mut server = RedisServer::start().await;
+    let sim = Simulator::new(
+        SimConfig::new(SimLimits::unlimited())
+            .with_latency(Duration::from_millis(5), Duration::ZERO),
+    );
+    let redis = store(&server)
+        .await
+        .on_failure(OnFailure::Fallback { workers: 1 });
+    let svc = TokenBudgetLayer::new(Limits::new().rpm(60_000))
+        .store(redis.clone())
+        .layer(sim.clone());
+    let run = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..20 {
+            let svc = svc.clone();
+            set.spawn(async move {
+                let mut ok = 0;
+                for i in 0..40 {
+                    let body = MessagesRequest::user("m", format!("{w}/{i}"), 8).to_bytes();
+                    let req = Request::post("/v1/messages")
+                        .header("x-api-key", "sk-restart")
+                        .body(Full::new(body))
+                        .unwrap();
+                    let res = svc.clone().oneshot(req).await.expect("no request fails");
+                    assert_eq!(res.status(), 200);
+                    res.into_body().collect().await.unwrap();
+                    ok += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ok
+            });
+        }
+        let mut total = 0;
+        while let Some(n) = set.join_next().await {
+            total += n.unwrap();
+        }
+        total
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!redis.is_up(), "the store noticed");
+    server.restart().await;
+    let total = run.await.unwrap();
+    assert_eq!(total, 800);
+    assert_eq!(sim.summary().total.ok, 800);
+    // Back on Redis by the end (the run lasts about a second after the restart).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !redis.is_up() {
+        let _ = redis
+            .reserve(
+                &[Scope {
+                    partition: PartitionKey::fingerprint(b"sk-restart"),
+                    limits: Limits::new().rpm(60_000),
+                }],
+                Cost::new(0, 0),
+            )
+            .await
+            .unwrap();
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
