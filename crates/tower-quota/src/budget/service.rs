@@ -21,39 +21,13 @@ pub struct TokenBudget<S> {
 }
 
 impl<S> TokenBudget<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
-    }
-
     /// A layer with `limits` ([`TokenBudgetLayer::new`]).
     pub fn layer(limits: Limits) -> TokenBudgetLayer {
         TokenBudgetLayer::new(limits)
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
-impl<S: Clone> Clone for TokenBudget<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
+inner_service!(TokenBudget);
 
 impl<S: fmt::Debug> fmt::Debug for TokenBudget<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -126,7 +126,13 @@ where
                                 if *this.next == 0 {
                                     *this.saturated = true;
                                 }
-                                limiter.queued.fetch_add(1, Ordering::SeqCst);
+                                let queued = limiter.queued.fetch_add(1, Ordering::SeqCst) + 1;
+                                tracing::trace!(
+                                    limit = limiter.limit(),
+                                    queued,
+                                    global = *this.next == 1,
+                                    "concurrency: waiting for a slot"
+                                );
                                 let acquire: Acquire =
                                     Box::pin(limiter.semaphore().acquire_owned());
                                 *this.waiting = Some((acquire, Queued(limiter.clone())));

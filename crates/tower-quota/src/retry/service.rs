@@ -22,39 +22,13 @@ pub struct BackoffRetry<S> {
 }
 
 impl<S> BackoffRetry<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
-    }
-
     /// A layer with the defaults ([`BackoffRetryLayer::new`]).
     pub fn layer() -> BackoffRetryLayer {
         BackoffRetryLayer::new()
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
-impl<S: Clone> Clone for BackoffRetry<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
+inner_service!(BackoffRetry);
 
 impl<S: fmt::Debug> fmt::Debug for BackoffRetry<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -20,39 +20,13 @@ pub struct RetryAfter<S> {
 }
 
 impl<S> RetryAfter<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
-    }
-
     /// A layer with the defaults ([`RetryAfterLayer::new`]).
     pub fn layer() -> RetryAfterLayer {
         RetryAfterLayer::new()
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
-impl<S: Clone> Clone for RetryAfter<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
+inner_service!(RetryAfter);
 
 impl<S: fmt::Debug> fmt::Debug for RetryAfter<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
