@@ -60,6 +60,15 @@
 //! `#[tokio::test(start_paused = true)]`, against `tower-quota-sim`'s in-process `Simulator`. For
 //! governor's limiters use [`clock::TokioClock`].
 //!
+//! # Feature flags
+//!
+//! None: the four layers share the signals parser, the classifier, the partitions and the
+//! request-body traits, and hand each other facts through extensions (a retry reads the gate's
+//! `RetryAt`, the budget reads the gate's and the limit's wire marks), so a build without one of
+//! them would save little (the only dependencies beyond tower, http and tokio are small:
+//! `httpdate`, `time`, `sfv`, `serde_json`, `governor`) and would multiply the combinations to
+//! test. Use the layers you need; the others cost nothing at run time.
+//!
 //! # Minimum supported Rust version
 //!
 //! 1.85 (edition 2024; hyper-util needs it too).

@@ -14,6 +14,7 @@ use tower::Layer;
 
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
+    pub(crate) per_partition: Option<PartitionLimits>,
     pub(crate) global: Option<Limits>,
     pub(crate) store: Arc<dyn BudgetStore>,
     pub(crate) estimator: Arc<dyn Estimate>,
@@ -47,19 +48,32 @@ impl Queue {
     }
 }
 
+/// Limits chosen per partition.
+pub(crate) type PartitionLimits = Arc<dyn Fn(PartitionKey) -> Option<Limits> + Send + Sync>;
+
 impl Shared {
+    /// The limits of partition `p`: its own if the layer was given a rule for it, else the
+    /// layer's.
+    pub(crate) fn limits_of(&self, p: PartitionKey) -> Limits {
+        self.per_partition
+            .as_ref()
+            .and_then(|f| f(p))
+            .unwrap_or(self.limits)
+    }
+
     /// Whether some bucket has no configured limit (so it may have to be learned).
-    pub(crate) fn has_unset_limits(&self) -> bool {
+    pub(crate) fn has_unset_limits(&self, p: PartitionKey) -> bool {
+        let limits = self.limits_of(p);
         crate::signals::Bucket::ALL
             .iter()
-            .any(|&b| self.limits.get(b).is_none())
+            .any(|&b| limits.get(b).is_none())
     }
 
     /// The scopes a request of partition `p` draws on.
     pub(crate) fn scopes(&self, p: PartitionKey) -> Arc<[Scope]> {
         let own = Scope {
             partition: p,
-            limits: self.limits,
+            limits: self.limits_of(p),
         };
         match self.global {
             Some(g) => Arc::new([
@@ -99,6 +113,7 @@ impl Shared {
 #[derive(Clone)]
 struct Config {
     limits: Limits,
+    per_partition: Option<PartitionLimits>,
     global: Option<Limits>,
     store: Arc<dyn BudgetStore>,
     estimator: Arc<dyn Estimate>,
@@ -134,6 +149,7 @@ impl TokenBudgetLayer {
     pub fn new(limits: Limits) -> Self {
         Self::from_config(Config {
             limits,
+            per_partition: None,
             global: None,
             store: Arc::new(MemoryStore::default()),
             estimator: Arc::new(MessagesEstimator::default()),
@@ -151,6 +167,7 @@ impl TokenBudgetLayer {
         Self {
             shared: Arc::new(Shared {
                 limits: config.limits,
+                per_partition: config.per_partition.clone(),
                 global: config.global,
                 store: config.store.clone(),
                 estimator: config.estimator.clone(),
@@ -174,6 +191,26 @@ impl TokenBudgetLayer {
         let mut c = self.config;
         f(&mut c);
         Self::from_config(c)
+    }
+
+    /// Limits for particular partitions (keys of different tiers): `rule` returns a partition's
+    /// limits, or `None` for the layer's. Compare with `PartitionKey::fingerprint(key)`; the rule
+    /// never sees the key itself.
+    ///
+    /// ```
+    /// use tower_quota::budget::{Limits, TokenBudgetLayer};
+    /// use tower_quota::partition::PartitionKey;
+    ///
+    /// let big = PartitionKey::fingerprint(b"sk-tier-4");
+    /// let layer = TokenBudgetLayer::new(Limits::new().rpm(50))
+    ///     .partition_limits(move |p| (p == big).then(|| Limits::new().rpm(4000)));
+    /// # let _ = layer;
+    /// ```
+    pub fn partition_limits(
+        self,
+        rule: impl Fn(PartitionKey) -> Option<Limits> + Send + Sync + 'static,
+    ) -> Self {
+        self.with(|c| c.per_partition = Some(Arc::new(rule)))
     }
 
     /// A cap across all partitions, on top of each partition's own limits.
@@ -295,7 +332,7 @@ impl BudgetHandle {
         let limits = if partition == PartitionKey::GLOBAL {
             self.shared.global.unwrap_or_default()
         } else {
-            self.shared.limits
+            self.shared.limits_of(partition)
         };
         self.shared.store.snapshot(partition, limits).await
     }
