@@ -154,6 +154,20 @@ async fn a_thousand_simultaneous_failures_get_distinct_first_delays() {
     assert!(first.len() >= 990, "{} distinct", first.len());
 }
 
+#[tokio::test(start_paused = true)]
+async fn towers_default_backoff_gives_every_request_the_same_first_delay() {
+    // The comparison the 990-distinct test stands against: tower 0.5's default maker clones one
+    // random source into every backoff, so 1000 requests failing at once all wait exactly as long
+    // and retry in one wave.
+    use tower::retry::backoff::{Backoff as _, ExponentialBackoffMaker, MakeBackoff};
+    let mut maker = ExponentialBackoffMaker::default();
+    let now = Instant::now();
+    let first: HashSet<Duration> = (0..1000)
+        .map(|_| maker.make_backoff().next_backoff().deadline() - now)
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+}
+
 /// `Date` and a wall clock for HTTP-date tests: the server's clock reads `server`, the client's
 /// reads `server + skew`.
 fn date_answers(skew: Duration) -> (Answer, impl Fn() -> SystemTime + Send + Sync + 'static) {
