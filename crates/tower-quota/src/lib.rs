@@ -77,6 +77,15 @@
 
 #![forbid(unsafe_code)]
 
+/// The layers' random source: seeded for reproducible runs, else from the OS.
+pub(crate) fn small_rng(seed: Option<u64>) -> rand::rngs::SmallRng {
+    use rand::SeedableRng;
+    match seed {
+        Some(s) => rand::rngs::SmallRng::seed_from_u64(s),
+        None => rand::rngs::SmallRng::from_rng(&mut rand::rng()),
+    }
+}
+
 /// The accessors every service of this crate has (`get_ref`, `get_mut`, `into_inner`), and a
 /// `Clone` written by hand so that cloning needs only `S: Clone` (the shared state is an `Arc`).
 macro_rules! inner_service {

@@ -2,7 +2,6 @@ use super::BackoffRetry;
 use super::backoff::{Backoff, Jitter};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::signals::{SystemClock, WallClock};
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +77,7 @@ struct Config {
 #[must_use]
 pub struct BackoffRetryLayer {
     shared: Arc<Shared>,
+    config: Config,
 }
 
 impl BackoffRetryLayer {
@@ -116,10 +116,6 @@ impl BackoffRetryLayer {
     }
 
     fn from_config(c: Config) -> Self {
-        let rng = match c.seed {
-            Some(s) => SmallRng::seed_from_u64(s),
-            None => SmallRng::from_rng(&mut rand::rng()),
-        };
         Self {
             shared: Arc::new(Shared {
                 backoff: c.backoff,
@@ -128,29 +124,18 @@ impl BackoffRetryLayer {
                 deadline: c.deadline,
                 max_hint_wait: c.max_hint_wait,
                 hint_jitter: c.hint_jitter,
-                budget: c.budget,
-                classifier: c.classifier,
-                wall: c.wall,
-                rng: Mutex::new(rng),
+                budget: c.budget.clone(),
+                classifier: c.classifier.clone(),
+                wall: c.wall.clone(),
+                rng: Mutex::new(crate::small_rng(c.seed)),
                 stats: Arc::new(StatsInner::default()),
             }),
+            config: c,
         }
     }
 
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let s = &self.shared;
-        let mut c = Config {
-            backoff: s.backoff,
-            max_retries: s.max_retries,
-            max_hinted_retries: s.max_hinted_retries,
-            deadline: s.deadline,
-            max_hint_wait: s.max_hint_wait,
-            hint_jitter: s.hint_jitter,
-            budget: s.budget.clone(),
-            classifier: s.classifier.clone(),
-            wall: s.wall.clone(),
-            seed: None,
-        };
+        let mut c = self.config;
         f(&mut c);
         Self::from_config(c)
     }

@@ -806,3 +806,24 @@ async fn a_429_without_any_hint_closes_the_gate_for_an_inferred_doubling_cooldow
     svc.oneshot(req()).await.unwrap();
     assert_eq!(script.calls()[0], script.calls()[1]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_seed_survives_later_builder_calls() {
+    let delays = || async {
+        let script = Script::new([status(503), status(503), status(200)]);
+        let res = BackoffRetryLayer::new()
+            .seed(9)
+            .no_budget()
+            .max_retries(3)
+            .layer(script)
+            .oneshot(req())
+            .await
+            .unwrap();
+        res.extensions()
+            .get::<RetryReport>()
+            .unwrap()
+            .delays
+            .clone()
+    };
+    assert_eq!(delays().await, delays().await);
+}

@@ -3,8 +3,8 @@ use crate::classify::{Classify, DefaultClassifier};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
 use crate::signals::{HintSource, Signals, SystemClock, WallClock};
 use http::Response;
+use rand::Rng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -234,8 +234,10 @@ impl Shared {
 #[must_use]
 pub struct RetryAfterLayer {
     shared: Arc<Shared>,
+    config: Config,
 }
 
+#[derive(Clone)]
 struct Config {
     partitioner: Arc<dyn Partitioner>,
     classifier: Arc<dyn Classify>,
@@ -274,39 +276,23 @@ impl RetryAfterLayer {
     }
 
     fn from_config(c: Config) -> Self {
-        let rng = match c.seed {
-            Some(s) => SmallRng::seed_from_u64(s),
-            None => SmallRng::from_rng(&mut rand::rng()),
-        };
         Self {
             shared: Arc::new(Shared {
                 gates: Mutex::new(HashMap::new()),
-                partitioner: c.partitioner,
-                classifier: c.classifier,
-                wall: c.wall,
+                partitioner: c.partitioner.clone(),
+                classifier: c.classifier.clone(),
+                wall: c.wall.clone(),
                 max_wait: c.max_wait,
                 jitter: c.jitter,
                 inferred: c.inferred,
-                rng: Mutex::new(rng),
+                rng: Mutex::new(crate::small_rng(c.seed)),
             }),
-        }
-    }
-
-    fn config(&self) -> Config {
-        let s = &self.shared;
-        Config {
-            partitioner: s.partitioner.clone(),
-            classifier: s.classifier.clone(),
-            wall: s.wall.clone(),
-            max_wait: s.max_wait,
-            jitter: s.jitter,
-            inferred: s.inferred,
-            seed: None,
+            config: c,
         }
     }
 
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.config();
+        let mut c = self.config;
         f(&mut c);
         Self::from_config(c)
     }
