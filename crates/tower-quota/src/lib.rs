@@ -86,6 +86,21 @@ pub(crate) fn small_rng(seed: Option<u64>) -> rand::rngs::SmallRng {
     }
 }
 
+/// Sleeps until `deadline` on a future's one reusable timer (created on first use, `reset` after:
+/// no allocation per wait).
+pub(crate) fn sleep_until(
+    slot: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future;
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    sleep.as_mut().poll(cx)
+}
+
 /// The accessors every service of this crate has (`get_ref`, `get_mut`, `into_inner`), and a
 /// `Clone` written by hand so that cloning needs only `S: Clone` (the shared state is an `Arc`).
 macro_rules! inner_service {

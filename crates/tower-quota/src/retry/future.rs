@@ -46,7 +46,7 @@ pin_project! {
     enum State<F> {
         Ready,
         Calling { #[pin] fut: F },
-        Sleeping,
+        Sleeping { until: Instant },
     }
 }
 
@@ -86,7 +86,7 @@ where
         let state = match self.state {
             State::Ready => "ready",
             State::Calling { .. } => "calling",
-            State::Sleeping => "sleeping",
+            State::Sleeping { .. } => "sleeping",
         };
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.attempts)
@@ -258,11 +258,7 @@ where
                             this.delays.push(delay);
                             // The failed response (and its connection) is released here.
                             drop(failure);
-                            match this.sleep {
-                                Some(s) => s.as_mut().reset(at),
-                                None => *this.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-                            }
-                            this.state.set(State::Sleeping);
+                            this.state.set(State::Sleeping { until: at });
                         }
                         Next::GiveUp(reason) => {
                             shared.stats.gave_up.fetch_add(1, Ordering::Relaxed);
@@ -288,10 +284,8 @@ where
                         }
                     }
                 }
-                StateProj::Sleeping => {
-                    if let Some(s) = this.sleep.as_mut() {
-                        ready!(s.as_mut().poll(cx));
-                    }
+                StateProj::Sleeping { until } => {
+                    ready!(crate::sleep_until(this.sleep, *until, cx));
                     this.state.set(State::Ready);
                 }
             }

@@ -58,26 +58,6 @@ pin_project! {
     }
 }
 
-/// Sleeps until `deadline` on the future's one reusable timer.
-fn sleep_until(
-    slot: &mut Option<Pin<Box<Sleep>>>,
-    deadline: Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    match slot {
-        Some(s) => {
-            if s.deadline() != deadline {
-                s.as_mut().reset(deadline);
-            }
-        }
-        None => *slot = Some(Box::pin(tokio::time::sleep_until(deadline))),
-    }
-    match slot.as_mut() {
-        Some(s) => s.as_mut().poll(cx),
-        None => Poll::Ready(()),
-    }
-}
-
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
@@ -152,7 +132,7 @@ where
                                     *this.jitter.get_or_insert_with(|| this.shared.draw_jitter());
                                 *this.waited = Some(until);
                                 tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
-                                ready!(sleep_until(this.sleep, until + jitter, cx));
+                                ready!(crate::sleep_until(this.sleep, until + jitter, cx));
                                 break;
                             }
                             Meet::Probing(notify) => {
@@ -174,7 +154,7 @@ where
                                     // jitter, so the herd spreads out behind the probe.
                                     let deadline = until + this.jitter.unwrap_or_default();
                                     if Instant::now() < deadline {
-                                        ready!(sleep_until(this.sleep, deadline, cx));
+                                        ready!(crate::sleep_until(this.sleep, deadline, cx));
                                     }
                                 }
                                 this.state.set(State::Ready);
