@@ -77,8 +77,9 @@ impl Shared {
         [Some(own), self.global.clone()]
     }
 
-    fn all(&self) -> Vec<Arc<Limiter>> {
-        let mut v = match &self.mode {
+    /// The limiters of the partitions (the one shared limiter outside per-partition mode).
+    fn own(&self) -> Vec<Arc<Limiter>> {
+        match &self.mode {
             Mode::Shared(l) => vec![l.clone()],
             Mode::Partitioned { limiters, .. } => limiters
                 .lock()
@@ -86,7 +87,12 @@ impl Shared {
                 .values()
                 .cloned()
                 .collect(),
-        };
+        }
+    }
+
+    /// Every limiter, the global cap's included.
+    fn all(&self) -> Vec<Arc<Limiter>> {
+        let mut v = self.own();
         if let Some(g) = &self.global {
             v.push(g.clone());
         }
@@ -232,14 +238,11 @@ impl ConcurrencyHandle {
         if let Some(g) = &self.shared.global {
             return g.in_flight.load(Ordering::SeqCst);
         }
-        match &self.shared.mode {
-            Mode::Shared(l) => l.in_flight.load(Ordering::SeqCst),
-            Mode::Partitioned { .. } => self
-                .partition_limiters()
-                .iter()
-                .map(|l| l.in_flight.load(Ordering::SeqCst))
-                .sum(),
-        }
+        self.shared
+            .own()
+            .iter()
+            .map(|l| l.in_flight.load(Ordering::SeqCst))
+            .sum()
     }
 
     /// Requests waiting for a slot.
@@ -253,7 +256,7 @@ impl ConcurrencyHandle {
 
     /// The current limit (summed over tracked partitions in per-partition mode).
     pub fn limit(&self) -> usize {
-        self.partition_limiters().iter().map(|l| l.limit()).sum()
+        self.shared.own().iter().map(|l| l.limit()).sum()
     }
 
     /// The limit of `partition` (`None` in shared mode or when not tracked).
@@ -270,27 +273,16 @@ impl ConcurrencyHandle {
 
     /// Partitions tracked now.
     pub fn partitions(&self) -> usize {
-        self.partition_limiters().len()
+        self.shared.own().len()
     }
 
     /// Slots free right now, over all limiters (for tests: every slot back when all is dropped).
     pub fn available(&self) -> usize {
-        self.partition_limiters()
+        self.shared
+            .own()
             .iter()
             .map(|l| l.semaphore().available_permits())
             .sum()
-    }
-
-    fn partition_limiters(&self) -> Vec<Arc<Limiter>> {
-        match &self.shared.mode {
-            Mode::Shared(l) => vec![l.clone()],
-            Mode::Partitioned { limiters, .. } => limiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .cloned()
-                .collect(),
-        }
     }
 }
 
