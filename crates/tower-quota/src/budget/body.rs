@@ -33,15 +33,11 @@ impl Scanner {
 
     pub(crate) fn feed(&mut self, chunk: &[u8]) {
         if self.overflow {
-            if self.sse {
-                // Skip to the end of the overlong line, then read on.
-                match chunk.iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        self.overflow = false;
-                        self.feed(&chunk[i + 1..]);
-                    }
-                    None => return,
-                }
+            // A JSON body past the cap is not read; in a stream, skip to the end of the overlong
+            // line, then read on.
+            if let Some(i) = chunk.iter().position(|&b| b == b'\n').filter(|_| self.sse) {
+                self.overflow = false;
+                self.feed(&chunk[i + 1..]);
             }
             return;
         }
