@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_quota::budget::{Bucket, Limit, Limits as BudgetLimits};
+use tower_quota::budget::{Bucket, Limits as BudgetLimits};
 use tower_quota::partition::PartitionKey;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
-use tower_quota_bench::scenario::{Scenario, Target, Unit, run, table};
+use tower_quota_bench::scenario::{Scenario, Target, Unit, client_limits, run, table};
 use tower_quota_bench::strategy::Strategy;
 use tower_quota_sim::{Limits, MessagesRequest, SimConfig, Simulator};
 
@@ -78,21 +78,6 @@ fn demo_limits() -> Limits {
         otpm: Some(80_000),
         tpm: None,
         burst_fraction: 0.1,
-    }
-}
-
-fn client_limits(l: Limits) -> BudgetLimits {
-    let lim = |n: Option<u64>| {
-        n.map(|n| Limit {
-            per_minute: n,
-            burst: Some(((n as f64) * l.burst_fraction).max(1.0) as u64),
-        })
-    };
-    BudgetLimits {
-        requests: lim(l.rpm),
-        input_tokens: lim(l.itpm),
-        output_tokens: lim(l.otpm),
-        tokens: lim(l.tpm),
     }
 }
 

@@ -127,26 +127,13 @@ impl Scenario {
         Simulator::new(cfg)
     }
 
-    /// What the configured stack is told (the first key's limits: in the three-key scenario each
-    /// key differs, so the configured stack gets each key's limits through a per-key estimator of
-    /// nothing and learns the rest; see [`Scenario::client_limits`]).
+    /// What the configured stack is told: the key's limits, or `None` when the scenario hides
+    /// them or has several keys (the stack then learns them from the headers).
     pub fn client_limits(&self) -> Option<ClientLimits> {
         if !self.limits_known || self.keys.len() > 1 {
             return None;
         }
-        let l = self.keys[0].1;
-        let lim = |n: Option<u64>| {
-            n.map(|n| Limit {
-                per_minute: n,
-                burst: Some(((n as f64) * l.burst_fraction).max(1.0) as u64),
-            })
-        };
-        Some(ClientLimits {
-            requests: lim(l.rpm),
-            input_tokens: lim(l.itpm),
-            output_tokens: lim(l.otpm),
-            tokens: lim(l.tpm),
-        })
+        Some(client_limits(self.keys[0].1))
     }
 
     /// Units of the binding bucket one successful request uses.
@@ -172,6 +159,23 @@ impl Scenario {
             .expect("a valid request");
         req.extensions_mut().insert(probe);
         req
+    }
+}
+
+/// The simulator's limits as a client configures them: the same per-minute figures, and a burst of
+/// the same share of a minute.
+pub fn client_limits(l: Limits) -> ClientLimits {
+    let lim = |n: Option<u64>| {
+        n.map(|n| Limit {
+            per_minute: n,
+            burst: Some(((n as f64) * l.burst_fraction).max(1.0) as u64),
+        })
+    };
+    ClientLimits {
+        requests: lim(l.rpm),
+        input_tokens: lim(l.itpm),
+        output_tokens: lim(l.otpm),
+        tokens: lim(l.tpm),
     }
 }
 
