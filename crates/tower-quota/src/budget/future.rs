@@ -146,10 +146,9 @@ where
         // While some limit is neither configured nor learned, the first request of a partition
         // is a probe: it keeps the turn until its response has taught the store the limits, so
         // the queue behind it is not admitted blind.
-        let probe = (shared.learn
-            && !own.probed.load(Ordering::SeqCst)
-            && shared.has_unset_limits(partition))
-        .then_some((turn, own));
+        let probe =
+            (shared.learn && !own.probed.load(Ordering::SeqCst) && scopes[0].limits.has_unset())
+                .then_some((turn, own));
         (charged, probe)
     };
     shared.admitted.fetch_add(1, Ordering::Relaxed);

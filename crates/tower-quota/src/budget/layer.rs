@@ -61,14 +61,6 @@ impl Shared {
             .unwrap_or(self.limits)
     }
 
-    /// Whether some bucket has no configured limit (so it may have to be learned).
-    pub(crate) fn has_unset_limits(&self, p: PartitionKey) -> bool {
-        let limits = self.limits_of(p);
-        crate::signals::Bucket::ALL
-            .iter()
-            .any(|&b| limits.get(b).is_none())
-    }
-
     /// The scopes a request of partition `p` draws on.
     pub(crate) fn scopes(&self, p: PartitionKey) -> Arc<[Scope]> {
         let own = Scope {

@@ -192,6 +192,11 @@ impl Limits {
         }
     }
 
+    /// Whether some bucket has no limit set (so it may have to be learned).
+    pub fn has_unset(&self) -> bool {
+        Bucket::ALL.iter().any(|&b| self.get(b).is_none())
+    }
+
     /// Sets the limit of `bucket`.
     pub fn set(&mut self, bucket: Bucket, limit: Option<Limit>) {
         match bucket {

@@ -1,7 +1,6 @@
 //! The response future of [`RetryAfter`](super::RetryAfter).
 
 use super::layer::{Meet, Shared};
-use super::service::too_long;
 use crate::BoxError;
 use crate::partition::PartitionKey;
 use http::{Request, Response};
@@ -123,7 +122,7 @@ where
                         match meet {
                             Meet::Closed(until) => {
                                 let now = Instant::now();
-                                if let Some(err) = too_long(this.shared, p, until, now) {
+                                if let Some(err) = this.shared.too_long(p, until, now) {
                                     return Poll::Ready(Err(err.into()));
                                 }
                                 // The jitter is drawn once, the first time the request meets a

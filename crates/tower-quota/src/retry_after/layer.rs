@@ -1,4 +1,5 @@
 use super::RetryAfter;
+use super::error::WaitTooLong;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
 use crate::signals::{HintSource, Signals, SystemClock, WallClock};
@@ -87,6 +88,23 @@ impl Shared {
             .get(&p)
             .map(|g| g.until)
             .filter(|&until| until > now)
+    }
+
+    /// The error for a wait until `until` past the cap, if there is a cap and it is passed.
+    pub(crate) fn too_long(
+        &self,
+        p: PartitionKey,
+        until: Instant,
+        now: Instant,
+    ) -> Option<WaitTooLong> {
+        let cap = self.max_wait?;
+        let wait = until.saturating_duration_since(now);
+        (wait > cap).then_some(WaitTooLong {
+            retry_at: until,
+            wait,
+            cap,
+            partition: p,
+        })
     }
 
     /// Meets the gate of `p`: closed, waiting for a probe, or pass (as a probe while the gate is

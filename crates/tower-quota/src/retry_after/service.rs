@@ -1,6 +1,6 @@
+use super::RetryAfterLayer;
 use super::future::ResponseFuture;
 use super::layer::Shared;
-use super::{RetryAfterLayer, error::WaitTooLong};
 use crate::BoxError;
 use crate::partition::partition_of;
 use http::{Request, Response};
@@ -55,20 +55,4 @@ where
         let partition = partition_of(&*self.shared.partitioner, &req);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), partition)
     }
-}
-
-pub(crate) fn too_long(
-    shared: &Shared,
-    partition: crate::partition::PartitionKey,
-    until: tokio::time::Instant,
-    now: tokio::time::Instant,
-) -> Option<WaitTooLong> {
-    let cap = shared.max_wait?;
-    let wait = until.saturating_duration_since(now);
-    (wait > cap).then_some(WaitTooLong {
-        retry_at: until,
-        wait,
-        cap,
-        partition,
-    })
 }
