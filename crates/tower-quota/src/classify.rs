@@ -137,19 +137,11 @@ impl DefaultClassifier {
 
     /// The outcome of an error, found by walking its source chain for a known transport failure:
     /// an [`io::Error`] of a connection kind, a tower or tokio timeout, or a hyper error that says
-    /// the connection broke. Anything else is [`Outcome::Fatal`], and so are this crate's own
-    /// give-ups ([`RetryError`](crate::retry::error::RetryError),
-    /// [`WaitTooLong`](crate::retry_after::error::WaitTooLong)) whatever their source.
+    /// the connection broke. Anything else is [`Outcome::Fatal`]. (This crate's own give-ups are
+    /// final for the retry loop whatever a classifier says: the loop checks them itself.)
     pub fn outcome_of_error(error: &(dyn StdError + 'static)) -> Outcome {
         let mut next = Some(error);
         while let Some(e) = next {
-            // This crate's own give-ups are final: a retry layer outside another must not retry
-            // what the inner one already gave up on (attempts would multiply).
-            if e.is::<crate::retry::error::RetryError>()
-                || e.is::<crate::retry_after::error::WaitTooLong>()
-            {
-                return Outcome::Fatal;
-            }
             if let Some(kind) = transport_kind(e) {
                 return Outcome::Transport(kind);
             }

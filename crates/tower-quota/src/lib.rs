@@ -142,6 +142,7 @@ pub mod builder;
 pub mod classify;
 pub mod clock;
 pub mod concurrency;
+pub mod hint;
 pub mod partition;
 pub mod retry;
 pub mod retry_after;

@@ -3,10 +3,11 @@
 use super::RetryReport;
 use super::error::{GiveUp, RetryError};
 use super::layer::Shared;
+use super::policy::{self, Attempts, Next, Pace};
 use super::replay::{TryCloneBody, try_clone_request};
 use crate::BoxError;
-use crate::retry_after::RetryAt;
-use crate::signals::{HintSource, Signals};
+use crate::hint::RetryAt;
+use crate::signals::Signals;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -28,12 +29,7 @@ pin_project! {
         svc: S,
         template: Option<Request<B>>,
         shared: Arc<Shared>,
-        deadline: Option<Instant>,
-        attempts: u32,
-        backoffs: u32,
-        hinted: u32,
-        replayable: bool,
-        previous: Duration,
+        attempts: Attempts,
         delays: Vec<Duration>,
         sleep: Option<Pin<Box<Sleep>>>,
         #[pin]
@@ -60,17 +56,11 @@ where
         shared: Arc<Shared>,
         deadline: Option<Instant>,
     ) -> Self {
-        let previous = shared.backoff.base;
         Self {
             svc,
             template: Some(req),
+            attempts: Attempts::new(&shared, deadline),
             shared,
-            deadline,
-            attempts: 0,
-            backoffs: 0,
-            hinted: 0,
-            replayable: true,
-            previous,
             delays: Vec::new(),
             sleep: None,
             state: State::Ready,
@@ -89,80 +79,10 @@ where
             State::Sleeping { .. } => "sleeping",
         };
         f.debug_struct("ResponseFuture")
-            .field("attempts", &self.attempts)
+            .field("attempts", &self.attempts.sent)
             .field("state", &state)
             .finish()
     }
-}
-
-enum Next {
-    Retry { at: Instant, source: &'static str },
-    GiveUp(GiveUp),
-}
-
-/// Decides what follows a retryable failure. `hint`: the instant the server named, if any.
-/// `counts`: retries so far that waited a backoff, and that waited for a hint.
-fn decide(
-    shared: &Shared,
-    counts: (&mut u32, &mut u32),
-    replayable: bool,
-    deadline: Option<Instant>,
-    previous: &mut Duration,
-    hint: Option<(Instant, HintSource)>,
-) -> Next {
-    let now = Instant::now();
-    if !replayable {
-        return Next::GiveUp(GiveUp::NotReplayable);
-    }
-    let (backoffs, hinted) = counts;
-    let exhausted = match hint {
-        Some(_) => *hinted >= shared.max_hinted_retries,
-        None => *backoffs >= shared.max_retries,
-    };
-    if exhausted {
-        return Next::GiveUp(GiveUp::AttemptsExhausted);
-    }
-    let (at, source) = match hint {
-        Some((at, _)) => {
-            let wait = at.saturating_duration_since(now);
-            if shared.max_hint_wait.is_some_and(|cap| wait > cap) {
-                return Next::GiveUp(GiveUp::HintTooLong { retry_at: at });
-            }
-            let jitter = if shared.hint_jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-                shared
-                    .hint_jitter
-                    .mul_f64(rand::Rng::random::<f64>(&mut *rng))
-            };
-            // Never before the server's instant: jitter only adds.
-            (at.max(now) + jitter, "server")
-        }
-        None => {
-            let d = {
-                let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-                shared.backoff.delay(*backoffs, *previous, &mut *rng)
-            };
-            *previous = d;
-            (now + d, "backoff")
-        }
-    };
-    if let Some(deadline) = deadline {
-        if at > deadline {
-            return Next::GiveUp(GiveUp::DeadlineExceeded { retry_at: at });
-        }
-    }
-    if let Some(budget) = &shared.budget {
-        if !budget.withdraw() {
-            return Next::GiveUp(GiveUp::BudgetEmpty);
-        }
-    }
-    match hint {
-        Some(_) => *hinted += 1,
-        None => *backoffs += 1,
-    }
-    Next::Retry { at, source }
 }
 
 impl<S, B, ResB> Future for ResponseFuture<S, B>
@@ -182,14 +102,14 @@ where
                     let req = match this.template.as_ref().and_then(try_clone_request) {
                         Some(copy) => copy,
                         None => {
-                            *this.replayable = false;
+                            this.attempts.replayable = false;
                             this.template
                                 .take()
                                 .expect("a request is sent once it cannot be copied")
                         }
                     };
-                    *this.attempts += 1;
-                    if *this.attempts > 1 {
+                    this.attempts.sent += 1;
+                    if this.attempts.sent > 1 {
                         this.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
                     let fut = this.svc.call(req);
@@ -203,45 +123,35 @@ where
                             let verdict = shared
                                 .classifier
                                 .classify_response(res.status(), res.headers());
-                            if !verdict.retryable {
-                                return Poll::Ready(Ok(report(
-                                    res,
-                                    *this.attempts,
-                                    this.delays,
-                                    None,
-                                )));
+                            // A response an inner retry loop already gave up on is final.
+                            let given_up = res
+                                .extensions()
+                                .get::<RetryReport>()
+                                .is_some_and(|r| r.gave_up.is_some());
+                            if !verdict.retryable || given_up {
+                                let sent = this.attempts.sent;
+                                return Poll::Ready(Ok(report(res, sent, this.delays, None)));
                             }
-                            let hint = match res.extensions().get::<RetryAt>() {
-                                Some(h) => Some((h.at, h.source)),
-                                None => {
-                                    let s = Signals::of_with(&mut res, &*shared.wall);
-                                    s.retry_at().zip(s.hint().map(|h| h.source))
-                                }
+                            let pace = match res.extensions().get::<RetryAt>() {
+                                Some(r) => Pace::of(r),
+                                None => Signals::of_with(&mut res, &*shared.wall)
+                                    .retry_at()
+                                    .map_or(Pace::Backoff, Pace::Server),
                             };
-                            let next = decide(
-                                shared,
-                                (this.backoffs, this.hinted),
-                                *this.replayable,
-                                *this.deadline,
-                                this.previous,
-                                hint,
-                            );
+                            let next = this.attempts.next(shared, pace);
                             (next, verdict.outcome, Ok(res))
                         }
                         Err(e) => {
                             let e: BoxError = e.into();
+                            // This crate's own give-ups are final, whatever the classifier says.
+                            if policy::is_final(&*e) {
+                                return Poll::Ready(Err(e));
+                            }
                             let verdict = shared.classifier.classify_error(&*e);
                             if !verdict.retryable {
                                 return Poll::Ready(Err(e));
                             }
-                            let next = decide(
-                                shared,
-                                (this.backoffs, this.hinted),
-                                *this.replayable,
-                                *this.deadline,
-                                this.previous,
-                                None,
-                            );
+                            let next = this.attempts.next(shared, Pace::Backoff);
                             (next, verdict.outcome, Err(e))
                         }
                     };
@@ -249,7 +159,7 @@ where
                         Next::Retry { at, source } => {
                             let delay = at.saturating_duration_since(Instant::now());
                             tracing::debug!(
-                                attempt = *this.attempts,
+                                attempt = this.attempts.sent,
                                 outcome = ?outcome,
                                 delay_ms = delay.as_millis() as u64,
                                 source,
@@ -262,8 +172,8 @@ where
                         }
                         Next::GiveUp(reason) => {
                             shared.stats.gave_up.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(attempt = *this.attempts, outcome = ?outcome, %reason, "retry: giving up");
-                            let attempts = *this.attempts;
+                            tracing::debug!(attempt = this.attempts.sent, outcome = ?outcome, %reason, "retry: giving up");
+                            let attempts = this.attempts.sent;
                             return Poll::Ready(match failure {
                                 Ok(res) if reason.retry_at().is_none() => {
                                     Ok(report(res, attempts, this.delays, Some(reason)))

@@ -24,6 +24,23 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<StatsInner>,
 }
 
+impl Shared {
+    /// A random delay in `[0, max]`.
+    pub(crate) fn draw(&self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        max.mul_f64(rand::Rng::random::<f64>(&mut *rng))
+    }
+
+    /// The backoff before retry number `n` (from 0), after a delay of `previous`.
+    pub(crate) fn backoff_delay(&self, n: u32, previous: Duration) -> Duration {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        self.backoff.delay(n, previous, &mut *rng)
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct StatsInner {
     pub(crate) calls: AtomicU64,

@@ -79,6 +79,7 @@ mod backoff;
 pub mod error;
 pub mod future;
 mod layer;
+mod policy;
 pub mod replay;
 mod service;
 

@@ -780,7 +780,7 @@ async fn a_429_without_any_hint_closes_the_gate_for_an_inferred_doubling_cooldow
         .extensions()
         .get::<crate::retry_after::RetryAt>()
         .unwrap();
-    assert_eq!(at.source, crate::signals::HintSource::Inferred);
+    assert_eq!(at.source, crate::hint::RetrySource::Inferred);
     assert_eq!(at.at, t0 + Duration::from_millis(250));
     // The next caller waits for it; its 429 doubles the cooldown.
     svc.clone().oneshot(req()).await.unwrap();

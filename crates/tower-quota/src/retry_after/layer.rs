@@ -1,8 +1,9 @@
 use super::RetryAfter;
 use super::error::WaitTooLong;
 use crate::classify::{Classify, DefaultClassifier};
+use crate::hint::{RetryAt, RetrySource};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
-use crate::signals::{HintSource, Signals, SystemClock, WallClock};
+use crate::signals::{Signals, SystemClock, WallClock};
 use http::Response;
 use rand::Rng;
 use rand::rngs::SmallRng;
@@ -13,18 +14,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Layer;
-
-/// The instant a partition may send again, put in the extensions of a response that carried a
-/// server hint. [`BackoffRetry`](crate::retry::BackoffRetry) waits for it instead of its own backoff.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryAt {
-    /// When the partition's gate opens: the later of the hint and any gate already closed.
-    pub at: Instant,
-    /// Which header said so.
-    pub source: HintSource,
-    /// The partition the gate belongs to.
-    pub partition: PartitionKey,
-}
 
 /// Far enough to mean "not in this process's lifetime", short enough for every clock to hold.
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
@@ -208,7 +197,7 @@ impl Shared {
         let signals = Signals::of_with(res, &*self.wall);
         let received = signals.received_at();
         let (delay, source) = match signals.hint() {
-            Some(hint) => (hint.delay, hint.source),
+            Some(hint) => (hint.delay, RetrySource::Server(hint.source)),
             None => match self.inferred.filter(|_| res.status() == 429) {
                 // A 429 that says nothing: pause the partition for an estimate that doubles with
                 // each such 429 until a success, then reopen it slowly. Without it, every waiter
@@ -218,7 +207,7 @@ impl Shared {
                     let factor = 1u32.checked_shl(strikes).unwrap_or(u32::MAX);
                     (
                         base.saturating_mul(factor).min(MAX_INFERRED),
-                        HintSource::Inferred,
+                        RetrySource::Inferred,
                     )
                 }
                 None => return false,

@@ -64,5 +64,6 @@ pub mod future;
 mod layer;
 mod service;
 
-pub use layer::{RetryAfterLayer, RetryAt};
+pub use crate::hint::{RetryAt, RetrySource};
+pub use layer::RetryAfterLayer;
 pub use service::RetryAfter;

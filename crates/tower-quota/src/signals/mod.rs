@@ -158,6 +158,7 @@ impl BucketState {
 
 /// Where a retry hint came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HintSource {
     /// `retry-after-ms`.
     RetryAfterMs,
@@ -167,9 +168,6 @@ pub enum HintSource {
     RetryAfterDate,
     /// The reset of an exhausted bucket (any dialect).
     BucketReset(Bucket),
-    /// No header said: the Retry-After gate's own estimate after a 429 without a hint (never
-    /// produced by the parser).
-    Inferred,
 }
 
 /// A server's word on how long to wait, measured from [`Signals::received_at`].
