@@ -20,6 +20,7 @@
 
 use crate::budget::{Limits, TokenBudgetLayer};
 use crate::concurrency::{Aimd, ConcurrencyLimitLayer};
+use crate::context::QuotaContext;
 use crate::retry::BackoffRetryLayer;
 use crate::retry_after::RetryAfterLayer;
 use std::time::Duration;
@@ -125,6 +126,18 @@ impl Preset {
             budget: TokenBudgetLayer::new(limits),
             concurrency: ConcurrencyLimitLayer::adaptive(Aimd::default()),
             retry_after: RetryAfterLayer::new(),
+        }
+    }
+
+    /// Gives all four layers one [`QuotaContext`]: one partitioner, one classifier and one wall
+    /// clock for the whole stack, so a custom classifier changes every layer's judgement at once
+    /// (the retry, the gate's pause, the budget's refund, the adaptive limit's decrease).
+    pub fn context(self, ctx: QuotaContext) -> Self {
+        Self {
+            retry: self.retry.context(ctx.clone()),
+            budget: self.budget.context(ctx.clone()),
+            concurrency: self.concurrency.context(ctx.clone()),
+            retry_after: self.retry_after.context(ctx),
         }
     }
 

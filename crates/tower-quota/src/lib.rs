@@ -77,79 +77,25 @@
 
 #![forbid(unsafe_code)]
 
-/// The layers' random source: seeded for reproducible runs, else from the OS.
-pub(crate) fn small_rng(seed: Option<u64>) -> rand::rngs::SmallRng {
-    use rand::SeedableRng;
-    match seed {
-        Some(s) => rand::rngs::SmallRng::seed_from_u64(s),
-        None => rand::rngs::SmallRng::from_rng(&mut rand::rng()),
-    }
-}
-
-/// Sleeps until `deadline` on a future's one reusable timer (created on first use, `reset` after:
-/// no allocation per wait).
-pub(crate) fn sleep_until(
-    slot: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    deadline: tokio::time::Instant,
-    cx: &mut std::task::Context<'_>,
-) -> std::task::Poll<()> {
-    use std::future::Future;
-    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if sleep.deadline() != deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    sleep.as_mut().poll(cx)
-}
-
-/// The accessors every service of this crate has (`get_ref`, `get_mut`, `into_inner`), and a
-/// `Clone` written by hand so that cloning needs only `S: Clone` (the shared state is an `Arc`).
-macro_rules! inner_service {
-    ($svc:ident) => {
-        impl<S> $svc<S> {
-            pub(crate) fn new(inner: S, shared: std::sync::Arc<Shared>) -> Self {
-                Self { inner, shared }
-            }
-
-            /// The inner service.
-            pub fn get_ref(&self) -> &S {
-                &self.inner
-            }
-
-            /// The inner service, mutably.
-            pub fn get_mut(&mut self) -> &mut S {
-                &mut self.inner
-            }
-
-            /// The inner service, consuming this one.
-            pub fn into_inner(self) -> S {
-                self.inner
-            }
-        }
-
-        impl<S: Clone> Clone for $svc<S> {
-            fn clone(&self) -> Self {
-                Self {
-                    inner: self.inner.clone(),
-                    shared: self.shared.clone(),
-                }
-            }
-        }
-    };
-}
+#[macro_use]
+mod macros;
 
 pub mod budget;
 pub mod builder;
 pub mod classify;
 pub mod clock;
 pub mod concurrency;
+pub mod context;
 pub mod hint;
 pub mod partition;
 pub mod retry;
 pub mod retry_after;
 pub mod signals;
+mod util;
 mod wire;
 
 pub use builder::{Preset, ServiceBuilderExt};
+pub use context::QuotaContext;
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -85,11 +85,6 @@ where
     }
 }
 
-/// The partition of `req` under a type-erased partitioner.
-pub(crate) fn partition_of<B>(p: &dyn Partitioner, req: &Request<B>) -> PartitionKey {
-    p.partition(req.headers(), req.extensions())
-}
-
 /// The default partitioner: a [`PartitionKey`] in the request extensions if present, else the
 /// fingerprint of `x-api-key`, else of `Authorization`, else [`PartitionKey::ANONYMOUS`].
 #[derive(Clone, Copy, Debug, Default)]

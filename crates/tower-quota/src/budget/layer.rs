@@ -1,9 +1,8 @@
 use super::estimate::{Estimate, MessagesEstimator};
 use super::store::{BudgetStore, MemoryStore, Scope, Snapshot, StoreError};
 use super::{Limits, TokenBudget};
-use crate::classify::{Classify, DefaultClassifier};
-use crate::partition::{ApiKey, PartitionKey, Partitioner};
-use crate::signals::{SystemClock, WallClock};
+use crate::context::QuotaContext;
+use crate::partition::PartitionKey;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,9 +17,7 @@ pub(crate) struct Shared {
     pub(crate) global: Option<Limits>,
     pub(crate) store: Arc<dyn BudgetStore>,
     pub(crate) estimator: Arc<dyn Estimate>,
-    pub(crate) partitioner: Arc<dyn Partitioner>,
-    pub(crate) classifier: Arc<dyn Classify>,
-    pub(crate) wall: Arc<dyn WallClock>,
+    pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
@@ -109,9 +106,7 @@ struct Config {
     global: Option<Limits>,
     store: Arc<dyn BudgetStore>,
     estimator: Arc<dyn Estimate>,
-    partitioner: Arc<dyn Partitioner>,
-    classifier: Arc<dyn Classify>,
-    wall: Arc<dyn WallClock>,
+    ctx: QuotaContext,
     max_wait: Option<Duration>,
     learn: bool,
     reconcile: bool,
@@ -145,9 +140,7 @@ impl TokenBudgetLayer {
             global: None,
             store: Arc::new(MemoryStore::default()),
             estimator: Arc::new(MessagesEstimator::default()),
-            partitioner: Arc::new(ApiKey),
-            classifier: Arc::new(DefaultClassifier),
-            wall: Arc::new(SystemClock),
+            ctx: QuotaContext::new(),
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
             learn: true,
             reconcile: true,
@@ -163,9 +156,7 @@ impl TokenBudgetLayer {
                 global: config.global,
                 store: config.store.clone(),
                 estimator: config.estimator.clone(),
-                partitioner: config.partitioner.clone(),
-                classifier: config.classifier.clone(),
-                wall: config.wall.clone(),
+                ctx: config.ctx.clone(),
                 max_wait: config.max_wait,
                 learn: config.learn,
                 reconcile: config.reconcile,
@@ -227,19 +218,12 @@ impl TokenBudgetLayer {
         self.with(|c| c.estimator = Arc::new(e))
     }
 
-    /// How requests map to partitions.
-    pub fn partitioner(self, p: impl Partitioner) -> Self {
-        self.with(|c| c.partitioner = Arc::new(p))
-    }
-
-    /// The classifier (a connection that was never made refunds its reservation).
-    pub fn classifier(self, classify: impl Classify) -> Self {
-        self.with(|c| c.classifier = Arc::new(classify))
-    }
-
-    /// The wall clock for reset dates without a `Date` header.
-    pub fn wall_clock(self, wall: impl WallClock) -> Self {
-        self.with(|c| c.wall = Arc::new(wall))
+    /// The shared context: its partitioner keys the budgets, its classifier says what is
+    /// refunded (anything but a success: the server did no work) and what pauses the partition in
+    /// the store (a rate-limited answer with a hint), its wall clock reads reset dates without a
+    /// `Date` header. Give every layer of a stack the same one.
+    pub fn context(self, ctx: QuotaContext) -> Self {
+        self.with(|c| c.ctx = ctx)
     }
 
     /// The longest a request may wait for the budget; past it, it fails fast with

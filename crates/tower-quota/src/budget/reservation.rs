@@ -147,8 +147,8 @@ impl NotSent {
     }
 
     /// The inner service answered: from here the response decides.
-    pub(crate) fn answered(mut self) {
-        self.handle = None;
+    pub(crate) fn answered(mut self) -> ReservationHandle {
+        self.handle.take().expect("answered once")
     }
 }
 

@@ -1,8 +1,8 @@
 use super::body::BudgetBody;
 use super::estimate::BodyBytes;
-use super::future::{ResponseFuture, run};
+use super::future::ResponseFuture;
 use super::layer::Shared;
-use super::{Limits, TokenBudgetLayer};
+use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
 use http::{Request, Response};
 use std::fmt;
@@ -40,21 +40,30 @@ impl<S: fmt::Debug> fmt::Debug for TokenBudget<S> {
 
 impl<S, B, ResB> Service<Request<B>> for TokenBudget<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
-    B: BodyBytes + Send + 'static,
-    ResB: Send + 'static,
+    B: BodyBytes,
 {
     type Response = Response<BudgetBody<ResB>>;
     type Error = BoxError;
-    type Future = ResponseFuture<ResB>;
+    type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture::new(run(self.inner.clone(), req, self.shared.clone()))
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let partition = shared.ctx.partition(&mut req);
+        let cost = match req.extensions().get::<Cost>() {
+            Some(c) => *c,
+            None => {
+                let body = req.body().body_bytes();
+                shared
+                    .estimator
+                    .estimate(req.headers(), req.extensions(), body.as_deref())
+            }
+        };
+        ResponseFuture::new(self.inner.clone(), req, shared.clone(), partition, cost)
     }
 }

@@ -196,6 +196,14 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// Reserves `cost` from every bucket of every scope, or nothing.
     fn reserve<'a>(&'a self, scopes: &'a [Scope], cost: Cost) -> StoreFuture<'a, Admission>;
 
+    /// As [`reserve`](Self::reserve), answered at once when the store can answer without waiting
+    /// on anything (an in-memory store always can); `None` (the default): call `reserve`. The
+    /// budget asks this first, so a store that answers here costs no allocation per request.
+    fn try_reserve(&self, scopes: &[Scope], cost: Cost) -> Option<Result<Admission, StoreError>> {
+        let _ = (scopes, cost);
+        None
+    }
+
     /// Applies a signed change to every bucket of every scope (a level may go below zero: the
     /// debt is paid by the refill).
     fn adjust<'a>(&'a self, scopes: &'a [Scope], delta: Delta) -> StoreFuture<'a, ()>;
@@ -518,6 +526,10 @@ impl MemoryStore {
 impl BudgetStore for MemoryStore {
     fn reserve<'a>(&'a self, scopes: &'a [Scope], cost: Cost) -> StoreFuture<'a, Admission> {
         Box::pin(std::future::ready(Ok(self.reserve_now(scopes, cost))))
+    }
+
+    fn try_reserve(&self, scopes: &[Scope], cost: Cost) -> Option<Result<Admission, StoreError>> {
+        Some(Ok(self.reserve_now(scopes, cost)))
     }
 
     fn adjust<'a>(&'a self, scopes: &'a [Scope], delta: Delta) -> StoreFuture<'a, ()> {

@@ -165,14 +165,11 @@ where
                 StateProj::Calling { fut } => {
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
                     let rtt = this.sent_at.map(|t| t.elapsed()).unwrap_or_default();
-                    let classifier = &this.shared.classifier;
-                    let outcome = match &result {
-                        Ok(res) => {
-                            classifier
-                                .classify_response(res.status(), res.headers())
-                                .outcome
-                        }
-                        Err(e) => classifier.classify_error(&**e).outcome,
+                    let ctx = &this.shared.ctx;
+                    let mut result = result;
+                    let outcome = match &mut result {
+                        Ok(res) => ctx.classify(res).outcome,
+                        Err(e) => ctx.classify_error(&**e).outcome,
                     };
                     if let Some(own) = this.limiters[0].as_ref() {
                         own.observe(outcome, rtt, *this.saturated && outcome == Outcome::Success);

@@ -1,7 +1,7 @@
 use super::ConcurrencyLimit;
 use super::limiter::{Aimd, Limiter, Policy};
-use crate::classify::{Classify, DefaultClassifier};
-use crate::partition::{ApiKey, PartitionKey, Partitioner};
+use crate::context::QuotaContext;
+use crate::partition::PartitionKey;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -51,8 +51,7 @@ enum Mode {
 pub(crate) struct Shared {
     mode: Mode,
     global: Option<Arc<Limiter>>,
-    pub(crate) partitioner: Arc<dyn Partitioner>,
-    pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) ctx: QuotaContext,
 }
 
 impl Shared {
@@ -114,8 +113,7 @@ struct Config {
     policy: Policy,
     per_partition: Option<usize>,
     global_cap: Option<usize>,
-    partitioner: Arc<dyn Partitioner>,
-    classifier: Arc<dyn Classify>,
+    ctx: QuotaContext,
 }
 
 impl ConcurrencyLimitLayer {
@@ -135,8 +133,7 @@ impl ConcurrencyLimitLayer {
             shared: Arc::new(Shared {
                 mode,
                 global: config.global_cap.map(|c| Limiter::new(Policy::Fixed(c))),
-                partitioner: config.partitioner.clone(),
-                classifier: config.classifier.clone(),
+                ctx: config.ctx.clone(),
             }),
             config,
         }
@@ -153,8 +150,7 @@ impl ConcurrencyLimitLayer {
             policy,
             per_partition: None,
             global_cap: None,
-            partitioner: Arc::new(ApiKey),
-            classifier: Arc::new(DefaultClassifier),
+            ctx: QuotaContext::new(),
         })
     }
 
@@ -191,16 +187,14 @@ impl ConcurrencyLimitLayer {
         self.with(|c| c.global_cap = Some(cap))
     }
 
-    /// How requests map to partitions (with [`per_partition`](Self::per_partition)).
-    pub fn partitioner(self, p: impl Partitioner) -> Self {
-        self.with(|c| c.partitioner = Arc::new(p))
-    }
-
-    /// Which outcomes count as back-pressure (through [`Outcome::is_backpressure`]).
+    /// The shared context: its partitioner keys the limits (with
+    /// [`per_partition`](Self::per_partition)), its classifier says which outcomes count as
+    /// back-pressure (through [`Outcome::is_backpressure`]). Give every layer of a stack the same
+    /// one.
     ///
     /// [`Outcome::is_backpressure`]: crate::classify::Outcome::is_backpressure
-    pub fn classifier(self, classify: impl Classify) -> Self {
-        self.with(|c| c.classifier = Arc::new(classify))
+    pub fn context(self, ctx: QuotaContext) -> Self {
+        self.with(|c| c.ctx = ctx)
     }
 
     /// A read-only view of the layer's live state.

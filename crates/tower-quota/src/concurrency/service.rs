@@ -3,7 +3,6 @@ use super::body::ConcurrencyBody;
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::BoxError;
-use crate::partition::partition_of;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -50,9 +49,9 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         crate::wire::pending(req.extensions());
-        let p = partition_of(&*self.shared.partitioner, &req);
+        let p = self.shared.ctx.partition(&mut req);
         let limiters = self.shared.limiters(p);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), limiters)
     }

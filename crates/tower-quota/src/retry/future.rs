@@ -7,7 +7,6 @@ use super::policy::{self, Attempts, Next, Pace};
 use super::replay::{TryCloneBody, try_clone_request};
 use crate::BoxError;
 use crate::hint::RetryAt;
-use crate::signals::Signals;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -120,9 +119,7 @@ where
                     let shared = &**this.shared;
                     let (next, outcome, failure) = match result {
                         Ok(mut res) => {
-                            let verdict = shared
-                                .classifier
-                                .classify_response(res.status(), res.headers());
+                            let verdict = shared.ctx.classify(&mut res);
                             // A response an inner retry loop already gave up on is final.
                             let given_up = res
                                 .extensions()
@@ -134,7 +131,9 @@ where
                             }
                             let pace = match res.extensions().get::<RetryAt>() {
                                 Some(r) => Pace::of(r),
-                                None => Signals::of_with(&mut res, &*shared.wall)
+                                None => shared
+                                    .ctx
+                                    .signals(&mut res)
                                     .retry_at()
                                     .map_or(Pace::Backoff, Pace::Server),
                             };
@@ -147,7 +146,7 @@ where
                             if policy::is_final(&*e) {
                                 return Poll::Ready(Err(e));
                             }
-                            let verdict = shared.classifier.classify_error(&*e);
+                            let verdict = shared.ctx.classify_error(&*e);
                             if !verdict.retryable {
                                 return Poll::Ready(Err(e));
                             }
@@ -195,7 +194,7 @@ where
                     }
                 }
                 StateProj::Sleeping { until } => {
-                    ready!(crate::sleep_until(this.sleep, *until, cx));
+                    ready!(crate::util::sleep_until(this.sleep, *until, cx));
                     this.state.set(State::Ready);
                 }
             }

@@ -1,7 +1,6 @@
 use super::BackoffRetry;
 use super::backoff::{Backoff, Jitter};
-use crate::classify::{Classify, DefaultClassifier};
-use crate::signals::{SystemClock, WallClock};
+use crate::context::QuotaContext;
 use rand::rngs::SmallRng;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +17,7 @@ pub(crate) struct Shared {
     pub(crate) max_hint_wait: Option<Duration>,
     pub(crate) hint_jitter: Duration,
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
-    pub(crate) classifier: Arc<dyn Classify>,
-    pub(crate) wall: Arc<dyn WallClock>,
+    pub(crate) ctx: QuotaContext,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) stats: Arc<StatsInner>,
 }
@@ -78,8 +76,7 @@ struct Config {
     max_hint_wait: Option<Duration>,
     hint_jitter: Duration,
     budget: Option<Arc<dyn Budget + Send + Sync>>,
-    classifier: Arc<dyn Classify>,
-    wall: Arc<dyn WallClock>,
+    ctx: QuotaContext,
     seed: Option<u64>,
 }
 
@@ -116,7 +113,7 @@ impl BackoffRetryLayer {
     /// The defaults: [`Backoff::default`] (1 s base doubling to a 60 s cap, plus uniform(0, 1 s)),
     /// 5 backoff retries and 20 hinted ones, no deadline, hinted waits up to 5 minutes plus up to 100 ms of jitter, a retry
     /// budget of 20 % of recent calls plus 10 retries/s over a 10 s window (tower's
-    /// [`TpsBudget`], Envoy's 20 %), and the [`DefaultClassifier`].
+    /// [`TpsBudget`], Envoy's 20 %), and the default [`QuotaContext`].
     pub fn new() -> Self {
         Self::from_config(Config {
             backoff: Backoff::default(),
@@ -126,8 +123,7 @@ impl BackoffRetryLayer {
             max_hint_wait: Some(Self::DEFAULT_MAX_HINT_WAIT),
             hint_jitter: Self::DEFAULT_HINT_JITTER,
             budget: Some(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))),
-            classifier: Arc::new(DefaultClassifier),
-            wall: Arc::new(SystemClock),
+            ctx: QuotaContext::new(),
             seed: None,
         })
     }
@@ -142,9 +138,8 @@ impl BackoffRetryLayer {
                 max_hint_wait: c.max_hint_wait,
                 hint_jitter: c.hint_jitter,
                 budget: c.budget.clone(),
-                classifier: c.classifier.clone(),
-                wall: c.wall.clone(),
-                rng: Mutex::new(crate::small_rng(c.seed)),
+                ctx: c.ctx.clone(),
+                rng: Mutex::new(crate::util::small_rng(c.seed)),
                 stats: Arc::new(StatsInner::default()),
             }),
             config: c,
@@ -217,15 +212,10 @@ impl BackoffRetryLayer {
         self.with(|c| c.budget = None)
     }
 
-    /// Which results are retried.
-    pub fn classifier(self, classify: impl Classify) -> Self {
-        self.with(|c| c.classifier = Arc::new(classify))
-    }
-
-    /// The wall clock for HTTP-dates when a response has no `Date` header (when no
-    /// [`RetryAfterLayer`](crate::retry_after::RetryAfterLayer) read the hint first).
-    pub fn wall_clock(self, wall: impl WallClock) -> Self {
-        self.with(|c| c.wall = Arc::new(wall))
+    /// The shared context: its classifier says which results are retried, its wall clock reads
+    /// HTTP-dates without a `Date` header. Give every layer of a stack the same one.
+    pub fn context(self, ctx: QuotaContext) -> Self {
+        self.with(|c| c.ctx = ctx)
     }
 
     /// Seeds the jitter's random source (for reproducible tests).

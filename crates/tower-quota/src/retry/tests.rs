@@ -1,6 +1,7 @@
 use super::error::RetryError;
 use super::replay::tests::Chunks;
 use super::*;
+use crate::QuotaContext;
 use crate::retry_after::RetryAfterLayer;
 use crate::retry_after::error::WaitTooLong;
 use http::{Request, Response};
@@ -203,13 +204,17 @@ async fn hints_set_the_next_attempt_never_earlier_and_at_most_the_jitter_later()
         for (name, answer, expect) in &cases {
             let (_, skewed_wall) = date_answers(Duration::from_secs(3600));
             let script = Script::new([answer.clone(), status(200)]);
-            let retry = layer().wall_clock(skewed_wall);
+            let retry = layer().context(QuotaContext::new().wall_clock(skewed_wall));
             let t0 = Instant::now();
             let res = if stacked {
                 let (_, wall) = date_answers(Duration::from_secs(3600));
                 ServiceBuilder::new()
                     .layer(retry)
-                    .layer(RetryAfterLayer::new().seed(2).wall_clock(wall))
+                    .layer(
+                        RetryAfterLayer::new()
+                            .seed(2)
+                            .context(QuotaContext::new().wall_clock(wall)),
+                    )
                     .service(script.clone())
                     .oneshot(req())
                     .await

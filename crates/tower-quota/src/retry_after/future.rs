@@ -2,6 +2,7 @@
 
 use super::layer::{Meet, Shared};
 use crate::BoxError;
+use crate::classify::Outcome;
 use crate::partition::PartitionKey;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -131,7 +132,7 @@ where
                                     *this.jitter.get_or_insert_with(|| this.shared.draw_jitter());
                                 *this.waited = Some(until);
                                 tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
-                                ready!(crate::sleep_until(this.sleep, until + jitter, cx));
+                                ready!(crate::util::sleep_until(this.sleep, until + jitter, cx));
                                 break;
                             }
                             Meet::Probing(notify) => {
@@ -153,7 +154,7 @@ where
                                     // jitter, so the herd spreads out behind the probe.
                                     let deadline = until + this.jitter.unwrap_or_default();
                                     if Instant::now() < deadline {
-                                        ready!(crate::sleep_until(this.sleep, deadline, cx));
+                                        ready!(crate::util::sleep_until(this.sleep, deadline, cx));
                                     }
                                 }
                                 this.state.set(State::Ready);
@@ -173,8 +174,8 @@ where
                     let result = ready!(fut.poll(cx)).map_err(Into::into);
                     let closed = match result {
                         Ok(mut res) => {
-                            let closed = this.shared.observe(*this.partition, &mut res);
-                            if res.status().is_success() {
+                            let (outcome, closed) = this.shared.observe(*this.partition, &mut res);
+                            if outcome == Outcome::Success {
                                 this.shared.succeeded(*this.partition);
                             }
                             if *this.probe {

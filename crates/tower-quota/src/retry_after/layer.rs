@@ -1,9 +1,9 @@
 use super::RetryAfter;
 use super::error::WaitTooLong;
-use crate::classify::{Classify, DefaultClassifier};
+use crate::classify::Outcome;
+use crate::context::QuotaContext;
 use crate::hint::{RetryAt, RetrySource};
-use crate::partition::{ApiKey, PartitionKey, Partitioner};
-use crate::signals::{Signals, SystemClock, WallClock};
+use crate::partition::PartitionKey;
 use http::Response;
 use rand::Rng;
 use rand::rngs::SmallRng;
@@ -54,9 +54,7 @@ pub(crate) enum Meet {
 
 pub(crate) struct Shared {
     gates: Mutex<HashMap<PartitionKey, Gate>>,
-    pub(crate) partitioner: Arc<dyn Partitioner>,
-    classifier: Arc<dyn Classify>,
-    wall: Arc<dyn WallClock>,
+    pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
     jitter: Duration,
     inferred: Option<Duration>,
@@ -186,19 +184,17 @@ impl Shared {
     }
 
     /// Reads a response's hint; closes the gate and tags the response when there is one.
-    /// Returns whether it closed the gate.
-    pub(crate) fn observe<B>(&self, p: PartitionKey, res: &mut Response<B>) -> bool {
-        let verdict = self
-            .classifier
-            .classify_response(res.status(), res.headers());
-        if !verdict.outcome.is_retryable_by_default() {
-            return false;
+    /// Returns what the response was, and whether it closed the gate.
+    pub(crate) fn observe<B>(&self, p: PartitionKey, res: &mut Response<B>) -> (Outcome, bool) {
+        let outcome = self.ctx.classify(res).outcome;
+        if !outcome.is_retryable_by_default() {
+            return (outcome, false);
         }
-        let signals = Signals::of_with(res, &*self.wall);
+        let signals = self.ctx.signals(res);
         let received = signals.received_at();
         let (delay, source) = match signals.hint() {
             Some(hint) => (hint.delay, RetrySource::Server(hint.source)),
-            None => match self.inferred.filter(|_| res.status() == 429) {
+            None => match self.inferred.filter(|_| outcome == Outcome::RateLimited) {
                 // A 429 that says nothing: pause the partition for an estimate that doubles with
                 // each such 429 until a success, then reopen it slowly. Without it, every waiter
                 // would learn the server's pace one 429 at a time.
@@ -210,7 +206,7 @@ impl Shared {
                         RetrySource::Inferred,
                     )
                 }
-                None => return false,
+                None => return (outcome, false),
             },
         };
         let at = received.checked_add(delay).unwrap_or(received + FAR_FUTURE);
@@ -227,7 +223,7 @@ impl Shared {
             source,
             partition: p,
         });
-        true
+        (outcome, true)
     }
 }
 
@@ -246,9 +242,7 @@ pub struct RetryAfterLayer {
 
 #[derive(Clone)]
 struct Config {
-    partitioner: Arc<dyn Partitioner>,
-    classifier: Arc<dyn Classify>,
-    wall: Arc<dyn WallClock>,
+    ctx: QuotaContext,
     max_wait: Option<Duration>,
     jitter: Duration,
     inferred: Option<Duration>,
@@ -268,13 +262,11 @@ impl RetryAfterLayer {
     /// slowly anyway; enough to stop a herd from learning the server's pace one 429 at a time.
     pub const DEFAULT_INFERRED_COOLDOWN: Duration = Duration::from_millis(250);
 
-    /// Gates keyed by API key fingerprint ([`ApiKey`]), the [`DefaultClassifier`], the system
+    /// Gates keyed by the default [`QuotaContext`] (API key fingerprints, the default classifier, the system
     /// clock for HTTP-dates without a `Date` header, a 5-minute cap and up to 100 ms of jitter.
     pub fn new() -> Self {
         Self::from_config(Config {
-            partitioner: Arc::new(ApiKey),
-            classifier: Arc::new(DefaultClassifier),
-            wall: Arc::new(SystemClock),
+            ctx: QuotaContext::new(),
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
             jitter: Self::DEFAULT_JITTER,
             inferred: Some(Self::DEFAULT_INFERRED_COOLDOWN),
@@ -286,13 +278,11 @@ impl RetryAfterLayer {
         Self {
             shared: Arc::new(Shared {
                 gates: Mutex::new(HashMap::new()),
-                partitioner: c.partitioner.clone(),
-                classifier: c.classifier.clone(),
-                wall: c.wall.clone(),
+                ctx: c.ctx.clone(),
                 max_wait: c.max_wait,
                 jitter: c.jitter,
                 inferred: c.inferred,
-                rng: Mutex::new(crate::small_rng(c.seed)),
+                rng: Mutex::new(crate::util::small_rng(c.seed)),
             }),
             config: c,
         }
@@ -328,20 +318,12 @@ impl RetryAfterLayer {
         self.with(|c| c.seed = Some(seed))
     }
 
-    /// How requests map to partitions.
-    pub fn partitioner(self, p: impl Partitioner) -> Self {
-        self.with(|c| c.partitioner = Arc::new(p))
-    }
-
-    /// Which responses may close a gate (those the classifier calls retryable by default: 429,
-    /// 529/503, other 5xx, 408, 409).
-    pub fn classifier(self, classify: impl Classify) -> Self {
-        self.with(|c| c.classifier = Arc::new(classify))
-    }
-
-    /// The wall clock HTTP-dates are measured against when a response has no `Date` header.
-    pub fn wall_clock(self, wall: impl WallClock) -> Self {
-        self.with(|c| c.wall = Arc::new(wall))
+    /// The shared context: its partitioner keys the gates, its classifier says which responses
+    /// may close one (pushed back or failed: [`Outcome::is_retryable_by_default`]) and which 429s
+    /// ([`Outcome::RateLimited`]) infer a pause, its wall clock reads HTTP-dates without a `Date`
+    /// header. Give every layer of a stack the same one.
+    pub fn context(self, ctx: QuotaContext) -> Self {
+        self.with(|c| c.ctx = ctx)
     }
 
     /// When the gate of `partition` opens, if it is closed now.

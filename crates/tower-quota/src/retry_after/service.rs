@@ -2,7 +2,6 @@ use super::RetryAfterLayer;
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::BoxError;
-use crate::partition::partition_of;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -50,9 +49,9 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         crate::wire::pending(req.extensions());
-        let partition = partition_of(&*self.shared.partitioner, &req);
+        let partition = self.shared.ctx.partition(&mut req);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), partition)
     }
 }

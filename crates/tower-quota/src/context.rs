@@ -1,0 +1,165 @@
+//! What every layer of a stack shares: how requests map to partitions, how results are judged,
+//! and the wall clock. Configured once, handed to each layer.
+//!
+//! # Why one context
+//!
+//! The four layers ask the same questions of each request and each result: which API key's quota
+//! is this ([`Partitioner`]), did it succeed or was it pushed back ([`Classify`]), and, for an
+//! HTTP-date without a `Date` header, what time is it ([`WallClock`]). If each layer had its own
+//! answer, a classifier given to one layer would split the judgement: the retry would retry what
+//! the gate does not pause for, the budget would refund what the adaptive limit counts as a
+//! success. A [`QuotaContext`] holds the three answers; every layer takes it (`.context(ctx)`),
+//! and [`Preset::context`](crate::Preset::context) gives one to all four at once.
+//!
+//! Per request, the partition is computed once and cached in the request's extensions (the layers
+//! below read it back); per response, the classification is cached in the response's extensions,
+//! as the parsed [`Signals`] are. A cache entry remembers which partitioner or classifier made it,
+//! so layers given different contexts never read each other's answers.
+//!
+//! # Example
+//!
+//! A classifier that calls a 418 "rate limited" changes all four layers at once: the gate closes,
+//! the budget refunds, the adaptive limit decreases, the retry retries.
+//!
+//! ```
+//! use http::{HeaderMap, StatusCode};
+//! use tower_quota::budget::Limits;
+//! use tower_quota::classify::{Classification, Classify, DefaultClassifier, Outcome};
+//! use tower_quota::{Preset, QuotaContext};
+//!
+//! struct Teapot;
+//! impl Classify for Teapot {
+//!     fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
+//!         if status == StatusCode::IM_A_TEAPOT {
+//!             return Classification::of(Outcome::RateLimited);
+//!         }
+//!         DefaultClassifier.classify_response(status, headers)
+//!     }
+//!     fn classify_error(&self, e: &(dyn std::error::Error + 'static)) -> Classification {
+//!         DefaultClassifier.classify_error(e)
+//!     }
+//! }
+//!
+//! let preset = Preset::anthropic(Limits::new().rpm(50))
+//!     .context(QuotaContext::new().classifier(Teapot));
+//! # let _ = preset;
+//! ```
+
+use crate::classify::{Classification, Classify, DefaultClassifier};
+use crate::partition::{ApiKey, PartitionKey, Partitioner};
+use crate::signals::{Signals, SystemClock, WallClock};
+use http::{Request, Response};
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// The partitioner, classifier and wall clock a stack's layers share. Cheap to clone (three
+/// `Arc`s). See the [module docs](self).
+#[derive(Clone)]
+pub struct QuotaContext {
+    partitioner: Arc<dyn Partitioner>,
+    classifier: Arc<dyn Classify>,
+    wall: Arc<dyn WallClock>,
+}
+
+impl Default for QuotaContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for QuotaContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaContext").finish_non_exhaustive()
+    }
+}
+
+/// The partition a request was given, and by which partitioner.
+#[derive(Clone, Copy)]
+struct CachedPartition {
+    by: usize,
+    key: PartitionKey,
+}
+
+/// The classification a response was given, and by which classifier.
+#[derive(Clone, Copy)]
+struct CachedClassification {
+    by: usize,
+    verdict: Classification,
+}
+
+/// The address of the value behind an `Arc`: which partitioner or classifier made a cache entry.
+fn identity<T: ?Sized>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a).cast::<()>() as usize
+}
+
+impl QuotaContext {
+    /// Partitions by API key ([`ApiKey`]: a fingerprint of `x-api-key` or `Authorization`, never
+    /// the key), judges by the [`DefaultClassifier`] (what the official SDKs retry), and reads the
+    /// system clock for HTTP-dates when a response has no `Date` header.
+    pub fn new() -> Self {
+        Self {
+            partitioner: Arc::new(ApiKey),
+            classifier: Arc::new(DefaultClassifier),
+            wall: Arc::new(SystemClock),
+        }
+    }
+
+    /// How requests map to partitions.
+    pub fn partitioner(mut self, p: impl Partitioner) -> Self {
+        self.partitioner = Arc::new(p);
+        self
+    }
+
+    /// How results are judged: what is retried, what pauses the partition, what is refunded, what
+    /// counts as back-pressure.
+    pub fn classifier(mut self, c: impl Classify) -> Self {
+        self.classifier = Arc::new(c);
+        self
+    }
+
+    /// The wall clock HTTP-dates are measured against when a response has no `Date` header.
+    pub fn wall_clock(mut self, w: impl WallClock) -> Self {
+        self.wall = Arc::new(w);
+        self
+    }
+
+    /// The partition of `req`: computed once per request and cached in its extensions.
+    pub(crate) fn partition<B>(&self, req: &mut Request<B>) -> PartitionKey {
+        let by = identity(&self.partitioner);
+        if let Some(c) = req.extensions().get::<CachedPartition>() {
+            if c.by == by {
+                return c.key;
+            }
+        }
+        let key = self.partitioner.partition(req.headers(), req.extensions());
+        req.extensions_mut().insert(CachedPartition { by, key });
+        key
+    }
+
+    /// The judgement of `res`: made once per response and cached in its extensions.
+    pub(crate) fn classify<B>(&self, res: &mut Response<B>) -> Classification {
+        let by = identity(&self.classifier);
+        if let Some(c) = res.extensions().get::<CachedClassification>() {
+            if c.by == by {
+                return c.verdict;
+            }
+        }
+        let verdict = self
+            .classifier
+            .classify_response(res.status(), res.headers());
+        res.extensions_mut()
+            .insert(CachedClassification { by, verdict });
+        verdict
+    }
+
+    /// The judgement of an error returned instead of a response.
+    pub(crate) fn classify_error(&self, e: &(dyn StdError + 'static)) -> Classification {
+        self.classifier.classify_error(e)
+    }
+
+    /// The parsed signals of `res` (cached in its extensions).
+    pub(crate) fn signals<B>(&self, res: &mut Response<B>) -> Arc<Signals> {
+        Signals::of_with(res, &*self.wall)
+    }
+}

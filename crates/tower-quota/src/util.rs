@@ -1,0 +1,56 @@
+//! Small helpers the layers share.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// The layers' random source: seeded for reproducible runs, else from the OS.
+pub(crate) fn small_rng(seed: Option<u64>) -> rand::rngs::SmallRng {
+    use rand::SeedableRng;
+    match seed {
+        Some(s) => rand::rngs::SmallRng::seed_from_u64(s),
+        None => rand::rngs::SmallRng::from_rng(&mut rand::rng()),
+    }
+}
+
+/// Sleeps until `deadline` on a future's one reusable timer (created on first use, `reset` after:
+/// no allocation per wait).
+pub(crate) fn sleep_until(
+    slot: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    sleep.as_mut().poll(cx)
+}
+
+/// A queued wait for a semaphore permit.
+pub(crate) type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// Takes a permit of `sem` in FIFO order: at once when one is free and nobody queues (no
+/// allocation), else by queueing in `waiting` (tokio's semaphore is fair: a free permit goes to
+/// the queue first, so the fast path never jumps it).
+pub(crate) fn poll_acquire(
+    sem: &Arc<Semaphore>,
+    waiting: &mut Option<Acquire>,
+    cx: &mut Context<'_>,
+) -> Poll<OwnedSemaphorePermit> {
+    if waiting.is_none() {
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Poll::Ready(p);
+        }
+        *waiting = Some(Box::pin(sem.clone().acquire_owned()));
+    }
+    let acquire = waiting.as_mut().expect("set above");
+    let permit = ready!(acquire.as_mut().poll(cx));
+    *waiting = None;
+    // The crate never closes its semaphores.
+    Poll::Ready(permit.expect("the crate's semaphores are never closed"))
+}
