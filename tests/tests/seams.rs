@@ -1,15 +1,24 @@
 //! The seams between the layers: what one layer hands the next, under the preset, paused time.
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt, service_fn};
-use tower_quota::budget::Limits;
-use tower_quota::retry::RetryReport;
-use tower_quota::{Preset, ServiceBuilderExt};
+use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
+use tower_quota::budget::{Cost, Limits, ReservationHandle, TokenBudgetLayer};
+use tower_quota::classify::{Classification, Classify, DefaultClassifier, Outcome};
+use tower_quota::concurrency::{Aimd, ConcurrencyLimitLayer};
+use tower_quota::partition::PartitionKey;
+use tower_quota::retry::{BackoffRetryLayer, RetryReport};
+use tower_quota::retry_after::RetryAfterLayer;
+use tower_quota::{Preset, QuotaContext, ServiceBuilderExt};
 
 fn request() -> Request<Full<Bytes>> {
     Request::post("/v1/messages")
@@ -61,4 +70,261 @@ async fn a_429_without_a_usable_hint_gets_the_backoff_schedule_under_the_preset(
             );
         }
     }
+}
+
+/// Calls a 418 "rate limited"; everything else as the default rules do.
+struct Teapot;
+
+impl Classify for Teapot {
+    fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
+        if status == StatusCode::IM_A_TEAPOT {
+            return Classification::of(Outcome::RateLimited);
+        }
+        DefaultClassifier.classify_response(status, headers)
+    }
+    fn classify_error(&self, e: &(dyn std::error::Error + 'static)) -> Classification {
+        DefaultClassifier.classify_error(e)
+    }
+}
+
+/// A server that answers `first` (with `headers`) `n` times, then 200 with a usage body.
+fn scripted(
+    n: usize,
+    first: u16,
+    headers: &'static [(&'static str, &'static str)],
+) -> (
+    impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = std::io::Error,
+        Future = impl Send,
+    > + Clone
+    + Send,
+    Arc<Mutex<usize>>,
+) {
+    let calls = Arc::new(Mutex::new(0));
+    let seen = calls.clone();
+    let svc = service_fn(move |_: Request<Full<Bytes>>| {
+        let k = {
+            let mut c = seen.lock().unwrap();
+            *c += 1;
+            *c
+        };
+        let res = if k <= n {
+            let mut b = Response::builder().status(first);
+            for (name, value) in headers {
+                b = b.header(*name, *value);
+            }
+            b.body(Full::new(Bytes::new())).unwrap()
+        } else {
+            Response::new(Full::new(Bytes::from_static(
+                br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            )))
+        };
+        async move { Ok::<_, std::io::Error>(res) }
+    });
+    (svc, calls)
+}
+
+fn teapot() -> QuotaContext {
+    QuotaContext::new().classifier(Teapot)
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_classifier_changes_the_retry() {
+    for (ctx, attempts, status) in [(QuotaContext::new(), 1, 418), (teapot(), 3, 200)] {
+        let (server, calls) = scripted(2, 418, &[]);
+        let retry = BackoffRetryLayer::new().seed(1).context(ctx);
+        let res = retry.layer(server).oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), status);
+        assert_eq!(*calls.lock().unwrap(), attempts);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_classifier_changes_the_gate() {
+    let p = PartitionKey::fingerprint(b"sk-seams");
+    for (ctx, closes) in [(QuotaContext::new(), false), (teapot(), true)] {
+        let (server, _) = scripted(1, 418, &[("retry-after", "7")]);
+        let gate = RetryAfterLayer::new().context(ctx);
+        gate.layer(server).oneshot(request()).await.unwrap();
+        assert_eq!(gate.cooldown_until(p).is_some(), closes);
+        // Without any hint, only a rate-limited answer infers a pause.
+        let (server, _) = scripted(1, 418, &[]);
+        let gate = RetryAfterLayer::new().context(if closes {
+            teapot()
+        } else {
+            QuotaContext::new()
+        });
+        gate.layer(server).oneshot(request()).await.unwrap();
+        assert_eq!(gate.cooldown_until(p).is_some(), closes);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_classifier_changes_the_budget() {
+    let p = PartitionKey::fingerprint(b"sk-seams");
+    for (ctx, cooldown) in [(QuotaContext::new(), false), (teapot(), true)] {
+        let (server, _) = scripted(1, 418, &[("retry-after", "30")]);
+        let budget = TokenBudgetLayer::new(Limits::new().rpm(60)).context(ctx);
+        let handle = budget.handle();
+        let res = budget.layer(server).oneshot(request()).await.unwrap();
+        let reservation = res.extensions().get::<ReservationHandle>().unwrap();
+        // Neither a fatal 418 nor a rate-limited one did any work: both refund.
+        assert_eq!(reservation.settled(), Some(Cost::default()));
+        let snap = handle.snapshot(p).await.unwrap().unwrap();
+        assert_eq!(snap.cooldown.is_some(), cooldown, "{snap:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_classifier_changes_the_adaptive_limit() {
+    for (ctx, decreased) in [(QuotaContext::new(), false), (teapot(), true)] {
+        let (server, _) = scripted(1, 418, &[]);
+        let aimd = Aimd {
+            initial: 10,
+            ..Aimd::default()
+        };
+        let limit = ConcurrencyLimitLayer::adaptive(aimd).context(ctx);
+        let handle = limit.handle();
+        limit.layer(server).oneshot(request()).await.unwrap();
+        assert_eq!(handle.limit() < 10, decreased, "limit {}", handle.limit());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_preset_hands_one_classifier_to_all_four_layers() {
+    let (server, calls) = scripted(2, 418, &[("retry-after", "2")]);
+    let preset = Preset::anthropic(Limits::new().rpm(60)).context(teapot());
+    let limit = preset.concurrency.handle();
+    let stack = ServiceBuilder::new().quota_stack(preset).service(server);
+    let t0 = Instant::now();
+    let res = stack.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(*calls.lock().unwrap(), 3, "the retry retried the 418s");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "the server's 2 s were honoured twice"
+    );
+    assert!(
+        limit.limit() < Aimd::default().initial,
+        "the limit went down"
+    );
+}
+
+/// Calls every result retryable, errors included.
+struct RetryEverything;
+
+impl Classify for RetryEverything {
+    fn classify_response(&self, status: StatusCode, _: &HeaderMap) -> Classification {
+        Classification {
+            outcome: DefaultClassifier::outcome_of_status(status),
+            retryable: !status.is_success(),
+        }
+    }
+    fn classify_error(&self, _: &(dyn std::error::Error + 'static)) -> Classification {
+        Classification {
+            outcome: Outcome::Fatal,
+            retryable: true,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_classifier_cannot_make_nested_retries_multiply_attempts() {
+    let ctx = QuotaContext::new().classifier(RetryEverything);
+    let nested = |ctx: &QuotaContext| {
+        ServiceBuilder::new()
+            .layer(BackoffRetryLayer::new().no_budget().context(ctx.clone()))
+            .layer(BackoffRetryLayer::new().no_budget().context(ctx.clone()))
+    };
+    // A response the inner loop gave up on.
+    let (server, calls) = scripted(usize::MAX, 503, &[]);
+    let res = nested(&ctx)
+        .service(server)
+        .oneshot(request())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(*calls.lock().unwrap(), 6, "one loop's attempts, not 36");
+    // An error the inner loop gave up on.
+    let calls = Arc::new(Mutex::new(0));
+    let seen = calls.clone();
+    let refused = service_fn(move |_: Request<Full<Bytes>>| {
+        *seen.lock().unwrap() += 1;
+        async {
+            Err::<Response<Full<Bytes>>, _>(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            ))
+        }
+    });
+    let err = nested(&ctx).service(refused).oneshot(request()).await;
+    assert!(err.is_err());
+    assert_eq!(*calls.lock().unwrap(), 6, "one loop's attempts, not 36");
+}
+
+/// A service that is not `Send`: it holds an `Rc`, and so do its futures.
+#[derive(Clone)]
+struct Local(Rc<Cell<u32>>);
+
+impl tower::Service<Request<Full<Bytes>>> for Local {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        let count = self.0.clone();
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            count.set(count.get() + 1);
+            Ok(Response::new(Full::new(Bytes::from_static(
+                br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            ))))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_is_not_send_works_under_each_layer_and_the_stack() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let count = Rc::new(Cell::new(0));
+            let svc = Local(count.clone());
+            let res = BackoffRetryLayer::new()
+                .layer(svc.clone())
+                .oneshot(request())
+                .await;
+            assert_eq!(res.unwrap().status(), 200);
+            let res = RetryAfterLayer::new()
+                .layer(svc.clone())
+                .oneshot(request())
+                .await;
+            assert_eq!(res.unwrap().status(), 200);
+            let res = ConcurrencyLimitLayer::fixed(2)
+                .layer(svc.clone())
+                .oneshot(request())
+                .await;
+            assert_eq!(res.unwrap().status(), 200);
+            let res = TokenBudgetLayer::new(Limits::new().rpm(60))
+                .layer(svc.clone())
+                .oneshot(request())
+                .await;
+            assert_eq!(res.unwrap().status(), 200);
+            // The whole stack, from a task spawned on the local set.
+            let stack = ServiceBuilder::new()
+                .quota_stack(Preset::anthropic(Limits::new().rpm(60)))
+                .service(svc);
+            let task = tokio::task::spawn_local(async move {
+                let res = stack.oneshot(request()).await.unwrap();
+                res.into_body().collect().await.unwrap();
+            });
+            task.await.unwrap();
+            assert_eq!(count.get(), 5);
+        })
+        .await;
 }
