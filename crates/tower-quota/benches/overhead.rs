@@ -17,7 +17,7 @@ use std::future::{Ready, ready};
 use std::time::{Duration, Instant};
 use tower::retry::Policy;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
-use tower_quota::budget::{Cost, Limits, TokenBudgetLayer};
+use tower_quota::budget::{Cost, Estimate, Limits, MessagesEstimator, TokenBudgetLayer};
 use tower_quota::concurrency::{Aimd, ConcurrencyLimitLayer};
 use tower_quota::retry::BackoffRetryLayer;
 use tower_quota::retry_after::RetryAfterLayer;
@@ -232,6 +232,28 @@ fn bench(c: &mut Criterion) {
                 n,
             )
         })
+    });
+    g.bench_function("full_stack_cost_given", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .layer(BackoffRetryLayer::new())
+                        .layer(TokenBudgetLayer::new(big()))
+                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
+                        .layer(RetryAfterLayer::new())
+                        .service(service_fn(ok))
+                },
+                req_with_cost,
+                n,
+            )
+        })
+    });
+    g.bench_function("messages_estimator_alone", |b| {
+        let e = MessagesEstimator::default();
+        let (headers, ext) = (http::HeaderMap::new(), http::Extensions::new());
+        b.iter(|| e.estimate(&headers, &ext, Some(std::hint::black_box(JSON.as_bytes()))))
     });
     g.finish();
 }

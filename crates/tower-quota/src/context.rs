@@ -12,9 +12,10 @@
 //! and [`Preset::context`](crate::Preset::context) gives one to all four at once.
 //!
 //! Per request, the partition is computed once and cached in the request's extensions (the layers
-//! below read it back); per response, the classification is cached in the response's extensions,
-//! as the parsed [`Signals`] are. A cache entry remembers which partitioner or classifier made it,
-//! so layers given different contexts never read each other's answers.
+//! below read it back), as the parsed [`Signals`] are cached in the response's. A cached partition
+//! remembers which partitioner made it, so layers given different contexts never read each
+//! other's answers. The classification is not cached: the classifier is a pure function of the
+//! status and headers, cheaper to ask again than to store.
 //!
 //! # Example
 //!
@@ -47,7 +48,7 @@
 
 use crate::classify::{Classification, Classify, DefaultClassifier};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
-use crate::signals::{Signals, SystemClock, WallClock};
+use crate::signals::{ParseContext, Signals, SystemClock, WallClock};
 use http::{Request, Response};
 use std::error::Error as StdError;
 use std::fmt;
@@ -79,13 +80,6 @@ impl fmt::Debug for QuotaContext {
 struct CachedPartition {
     by: usize,
     key: PartitionKey,
-}
-
-/// The classification a response was given, and by which classifier.
-#[derive(Clone, Copy)]
-struct CachedClassification {
-    by: usize,
-    verdict: Classification,
 }
 
 /// The address of the value behind an `Arc`: which partitioner or classifier made a cache entry.
@@ -137,20 +131,12 @@ impl QuotaContext {
         key
     }
 
-    /// The judgement of `res`: made once per response and cached in its extensions.
-    pub(crate) fn classify<B>(&self, res: &mut Response<B>) -> Classification {
-        let by = identity(&self.classifier);
-        if let Some(c) = res.extensions().get::<CachedClassification>() {
-            if c.by == by {
-                return c.verdict;
-            }
-        }
-        let verdict = self
-            .classifier
-            .classify_response(res.status(), res.headers());
-        res.extensions_mut()
-            .insert(CachedClassification { by, verdict });
-        verdict
+    /// The judgement of `res`. Not cached: a classifier is a pure function of the status and
+    /// headers (the default one a match and at most one header lookup), cheaper than an
+    /// extension insert; every layer asking the same classifier is what makes it one judgement.
+    pub(crate) fn classify<B>(&self, res: &Response<B>) -> Classification {
+        self.classifier
+            .classify_response(res.status(), res.headers())
     }
 
     /// The judgement of an error returned instead of a response.
@@ -161,5 +147,15 @@ impl QuotaContext {
     /// The parsed signals of `res` (cached in its extensions).
     pub(crate) fn signals<B>(&self, res: &mut Response<B>) -> Arc<Signals> {
         Signals::of_with(res, &*self.wall)
+    }
+
+    /// The signals of `res`: the cached snapshot if a layer parsed it already, else parsed now
+    /// without caching (for a success no other layer of the stack reads them again, and the cache
+    /// would cost two allocations per request).
+    pub(crate) fn signals_once<B>(&self, res: &Response<B>) -> Signals {
+        match Signals::cached(res) {
+            Some(s) => Signals::clone(&s),
+            None => Signals::parse(res.headers(), &ParseContext::now(&*self.wall)),
+        }
     }
 }

@@ -17,33 +17,50 @@ const UNTOUCHED: u8 = 0;
 const PENDING: u8 = 1;
 const SENT: u8 = 2;
 
-#[derive(Clone, Debug)]
-pub(crate) struct WireMark(Arc<AtomicU8>);
+/// Where a mark's state lives: in a value the marking layer already allocated (the budget's
+/// reservation ledger), so the mark costs no allocation of its own.
+pub(crate) trait WireCell: Send + Sync + 'static {
+    /// The mark's state.
+    fn wire(&self) -> &AtomicU8;
+}
 
-impl Default for WireMark {
-    fn default() -> Self {
-        Self(Arc::new(AtomicU8::new(UNTOUCHED)))
+impl WireCell for AtomicU8 {
+    fn wire(&self) -> &AtomicU8 {
+        self
     }
 }
 
+/// A fresh cell for a mark (untouched).
+pub(crate) const fn cell() -> AtomicU8 {
+    AtomicU8::new(UNTOUCHED)
+}
+
+/// Whether the request whose mark lives in `cell` may have reached the server.
+pub(crate) fn maybe_sent(cell: &dyn WireCell) -> bool {
+    cell.wire().load(Ordering::SeqCst) != PENDING
+}
+
+#[derive(Clone)]
+pub(crate) struct WireMark(Arc<dyn WireCell>);
+
 impl WireMark {
-    /// Whether the request may have reached the server.
-    pub(crate) fn maybe_sent(&self) -> bool {
-        self.0.load(Ordering::SeqCst) != PENDING
+    /// A mark whose state lives in `cell`.
+    pub(crate) fn new(cell: Arc<dyn WireCell>) -> Self {
+        Self(cell)
     }
 }
 
 /// A layer took the request and may hold it before sending.
 pub(crate) fn pending(ext: &Extensions) {
     if let Some(m) = ext.get::<WireMark>() {
-        m.0.store(PENDING, Ordering::SeqCst);
+        m.0.wire().store(PENDING, Ordering::SeqCst);
     }
 }
 
 /// A layer hands the request on.
 pub(crate) fn sent(ext: &Extensions) {
     if let Some(m) = ext.get::<WireMark>() {
-        m.0.store(SENT, Ordering::SeqCst);
+        m.0.wire().store(SENT, Ordering::SeqCst);
     }
 }
 
@@ -54,15 +71,15 @@ mod tests {
     #[test]
     fn states() {
         let mut ext = Extensions::new();
-        let m = WireMark::default();
-        ext.insert(m.clone());
+        let c = Arc::new(cell());
+        ext.insert(WireMark::new(c.clone()));
         assert!(
-            m.maybe_sent(),
+            maybe_sent(&*c),
             "untouched: an unknown inner service took it"
         );
         pending(&ext);
-        assert!(!m.maybe_sent());
+        assert!(!maybe_sent(&*c));
         sent(&ext);
-        assert!(m.maybe_sent());
+        assert!(maybe_sent(&*c));
     }
 }

@@ -9,8 +9,8 @@ use super::{Bucket, Cost};
 use crate::BoxError;
 use crate::classify::{Outcome, TransportKind};
 use crate::partition::PartitionKey;
+use crate::signals::Signals;
 use crate::util::{Acquire, poll_acquire};
-use crate::wire::WireMark;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -92,8 +92,9 @@ where
         partition: PartitionKey,
         cost: Cost,
     ) -> Self {
-        let scopes = shared.scopes(partition);
-        let (own, global) = shared.turns(partition);
+        let own = shared.queue(partition);
+        let scopes = own.scopes.clone();
+        let global = shared.global_turn.clone();
         shared.queued.fetch_add(1, Ordering::SeqCst);
         Self {
             svc,
@@ -204,11 +205,10 @@ where
                                 *this.cost,
                                 charged,
                             );
-                            let mark = WireMark::default();
                             if let Some(req) = this.req.as_mut() {
-                                req.extensions_mut().insert(mark.clone());
+                                req.extensions_mut().insert(handle.wire_mark());
                             }
-                            *this.not_sent = Some(NotSent::new(handle, mark));
+                            *this.not_sent = Some(NotSent::new(handle));
                             this.state.set(State::Ready);
                         }
                         Admission::TooLarge {
@@ -309,7 +309,13 @@ fn settle_answer<R>(
     handle: &ReservationHandle,
     res: &mut Response<R>,
 ) {
-    let signals = shared.ctx.signals(res);
+    let outcome = shared.ctx.classify(res).outcome;
+    let signals = if outcome == Outcome::Success {
+        shared.ctx.signals_once(res)
+    } else {
+        // The retry and the gate read these again: parse once, cached.
+        Signals::clone(&shared.ctx.signals(res))
+    };
     if shared.learn {
         let learned: Vec<Learned> = Bucket::ALL
             .iter()
@@ -331,7 +337,6 @@ fn settle_answer<R>(
             });
         }
     }
-    let outcome = shared.ctx.classify(res).outcome;
     if outcome != Outcome::Success {
         // The server refused the request: it used nothing.
         handle.refund();

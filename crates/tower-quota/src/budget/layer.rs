@@ -22,6 +22,8 @@ pub(crate) struct Shared {
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
+    /// The global cap's FIFO turn, when there is a cap.
+    pub(crate) global_turn: Option<Arc<Semaphore>>,
     max_partitions: usize,
     pub(crate) queued: AtomicUsize,
     pub(crate) waits: AtomicU64,
@@ -34,15 +36,8 @@ pub(crate) struct Queue {
     pub(crate) queue: Arc<Semaphore>,
     /// Whether a response of this partition has been seen (limits could be learned).
     pub(crate) probed: AtomicBool,
-}
-
-impl Queue {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            queue: Arc::new(Semaphore::new(1)),
-            probed: AtomicBool::new(false),
-        })
-    }
+    /// The scopes its requests draw on (its own, and the global cap's), made once.
+    pub(crate) scopes: Arc<[Scope]>,
 }
 
 /// Limits chosen per partition.
@@ -76,26 +71,27 @@ impl Shared {
         }
     }
 
-    /// The FIFO turns a request of partition `p` takes, in order: its partition's, then the global
-    /// cap's. Only the holder of the turns asks the store.
-    pub(crate) fn turns(&self, p: PartitionKey) -> (Arc<Queue>, Option<Arc<Semaphore>>) {
+    /// The queue of partition `p`: its FIFO turn (only the holder asks the store) and its scopes.
+    /// A request takes it, then the global cap's turn ([`Shared::global_turn`]) while that binds.
+    pub(crate) fn queue(&self, p: PartitionKey) -> Arc<Queue> {
         let mut map = self.turns.lock().unwrap_or_else(|e| e.into_inner());
-        if !map.contains_key(&p) && map.len() >= self.max_partitions {
-            map.retain(|k, q| {
-                *k == PartitionKey::GLOBAL
-                    || Arc::strong_count(q) > 1
+        if let Some(q) = map.get(&p) {
+            return q.clone();
+        }
+        if map.len() >= self.max_partitions {
+            map.retain(|_, q| {
+                Arc::strong_count(q) > 1
                     || Arc::strong_count(&q.queue) > 1
                     || q.queue.available_permits() == 0
             });
         }
-        let own = map.entry(p).or_insert_with(Queue::new).clone();
-        let global = self.global.map(|_| {
-            map.entry(PartitionKey::GLOBAL)
-                .or_insert_with(Queue::new)
-                .queue
-                .clone()
+        let q = Arc::new(Queue {
+            queue: Arc::new(Semaphore::new(1)),
+            probed: AtomicBool::new(false),
+            scopes: self.scopes(p),
         });
-        (own, global)
+        map.insert(p, q.clone());
+        q
     }
 }
 
@@ -161,6 +157,7 @@ impl TokenBudgetLayer {
                 learn: config.learn,
                 reconcile: config.reconcile,
                 turns: Mutex::new(HashMap::new()),
+                global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
                 max_partitions: config.max_partitions,
                 queued: AtomicUsize::new(0),
                 waits: AtomicU64::new(0),
@@ -178,7 +175,8 @@ impl TokenBudgetLayer {
 
     /// Limits for particular partitions (keys of different tiers): `rule` returns a partition's
     /// limits, or `None` for the layer's. Compare with `PartitionKey::fingerprint(key)`; the rule
-    /// never sees the key itself.
+    /// never sees the key itself. It is asked when a partition is first seen (and again if the
+    /// partition was idle long enough to be forgotten), not for every request.
     ///
     /// ```
     /// use tower_quota::budget::{Limits, TokenBudgetLayer};

@@ -1,9 +1,10 @@
 use super::Cost;
 use super::store::{BudgetStore, Charged, Delta, Scope};
 use crate::partition::PartitionKey;
-use crate::wire::WireMark;
+use crate::wire::{self, WireCell, WireMark};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::AtomicU8;
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
@@ -31,6 +32,14 @@ struct Ledger {
     estimate: Cost,
     charged: Charged,
     settled: Mutex<Option<Cost>>,
+    /// Whether the request has left our layers (see [`WireMark`]).
+    wire: AtomicU8,
+}
+
+impl WireCell for Ledger {
+    fn wire(&self) -> &AtomicU8 {
+        &self.wire
+    }
 }
 
 /// A request's reservation, in the extensions of its response. Settle it with the real usage
@@ -55,7 +64,13 @@ impl ReservationHandle {
             estimate,
             charged,
             settled: Mutex::new(None),
+            wire: wire::cell(),
         }))
+    }
+
+    /// The mark the layers inside flip as they hold and hand on the request.
+    pub(crate) fn wire_mark(&self) -> WireMark {
+        WireMark::new(self.0.clone())
     }
 
     /// What was reserved.
@@ -128,15 +143,13 @@ impl fmt::Debug for ReservationHandle {
 /// (see [`WireMark`]).
 pub(crate) struct NotSent {
     handle: Option<ReservationHandle>,
-    mark: WireMark,
     handed_on: bool,
 }
 
 impl NotSent {
-    pub(crate) fn new(handle: ReservationHandle, mark: WireMark) -> Self {
+    pub(crate) fn new(handle: ReservationHandle) -> Self {
         Self {
             handle: Some(handle),
-            mark,
             handed_on: false,
         }
     }
@@ -155,7 +168,7 @@ impl NotSent {
 impl Drop for NotSent {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
-            if !self.handed_on || !self.mark.maybe_sent() {
+            if !self.handed_on || !wire::maybe_sent(&*h.0) {
                 h.refund();
             }
         }

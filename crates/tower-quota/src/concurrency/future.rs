@@ -13,11 +13,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
-use tokio::sync::{AcquireError, OwnedSemaphorePermit};
+
 use tokio::time::Instant;
 use tower::Service;
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+use crate::util::Acquire;
 
 /// Counts a request as queued at a limiter while it waits there.
 struct Queued(Arc<Limiter>);
@@ -158,20 +158,22 @@ where
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = this.req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
-                    *this.sent_at = Some(Instant::now());
+                    if this.limiters[0].as_ref().is_some_and(|l| l.adapts()) {
+                        *this.sent_at = Some(Instant::now());
+                    }
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
-                    let rtt = this.sent_at.map(|t| t.elapsed()).unwrap_or_default();
-                    let ctx = &this.shared.ctx;
-                    let mut result = result;
-                    let outcome = match &mut result {
-                        Ok(res) => ctx.classify(res).outcome,
-                        Err(e) => ctx.classify_error(&**e).outcome,
-                    };
-                    if let Some(own) = this.limiters[0].as_ref() {
+                    if let (Some(own), Some(sent_at)) = (this.limiters[0].as_ref(), *this.sent_at) {
+                        // An adaptive limit learns from every attempt's outcome and round trip.
+                        let rtt = sent_at.elapsed();
+                        let ctx = &this.shared.ctx;
+                        let outcome = match &result {
+                            Ok(res) => ctx.classify(res).outcome,
+                            Err(e) => ctx.classify_error(&**e).outcome,
+                        };
                         own.observe(outcome, rtt, *this.saturated && outcome == Outcome::Success);
                     }
                     let permit = this.permit.take().expect("permit handed over once");

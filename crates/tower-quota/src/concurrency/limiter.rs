@@ -1,7 +1,7 @@
 //! One concurrency limit: a FIFO semaphore whose size follows a fixed or an AIMD policy.
 
 use crate::classify::Outcome;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -66,6 +66,11 @@ pub(crate) struct Limiter {
     state: Mutex<State>,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) queued: AtomicUsize,
+    /// The whole limit, published on every change (read without the lock per request).
+    whole: AtomicUsize,
+    /// Whether permits are owed (`State::debt > 0`), published on every change: a release locks
+    /// only then.
+    owing: AtomicBool,
 }
 
 impl Limiter {
@@ -87,7 +92,14 @@ impl Limiter {
             }),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            whole: AtomicUsize::new(initial),
+            owing: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the policy adapts (so outcomes and round-trip times matter).
+    pub(crate) fn adapts(&self) -> bool {
+        matches!(self.policy, Policy::Aimd(_))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -96,7 +108,7 @@ impl Limiter {
 
     /// The current limit (whole requests).
     pub(crate) fn limit(&self) -> usize {
-        self.lock().limit as usize
+        self.whole.load(Ordering::SeqCst)
     }
 
     /// Whether nothing is held or waiting (the limiter may be forgotten).
@@ -118,10 +130,16 @@ impl Limiter {
     /// Returns a permit: forgets it if the limit shrank while it was held.
     pub(crate) fn release(&self, permit: OwnedSemaphorePermit) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.owing.load(Ordering::SeqCst) {
+            // A debt set just now is paid by the next release instead.
+            drop(permit);
+            return;
+        }
         let mut s = self.lock();
         if s.debt > 0 {
             s.debt -= 1;
             s.issued -= 1;
+            self.owing.store(s.debt > 0, Ordering::SeqCst);
             permit.forget();
         } else {
             drop(s);
@@ -195,6 +213,8 @@ impl Limiter {
             }
             s.debt += shrink;
         }
+        self.whole.store(s.limit as usize, Ordering::SeqCst);
+        self.owing.store(s.debt > 0, Ordering::SeqCst);
     }
 }
 

@@ -118,7 +118,7 @@ where
                         *this.notified = None;
                     }
                     let p = *this.partition;
-                    let mut meet = this.shared.meet(p, Instant::now());
+                    let mut meet = this.shared.meet(p);
                     loop {
                         match meet {
                             Meet::Closed(until) => {
@@ -139,7 +139,7 @@ where
                                 // Register first, then look again: a probe that answers in
                                 // between still wakes this request.
                                 let n = Box::pin(notify.notified_owned());
-                                match this.shared.meet(p, Instant::now()) {
+                                match this.shared.meet(p) {
                                     Meet::Probing(_) => {
                                         *this.notified = Some(n);
                                         break;

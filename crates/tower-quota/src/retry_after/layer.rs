@@ -9,7 +9,9 @@ use rand::Rng;
 use rand::rngs::SmallRng;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -54,6 +56,8 @@ pub(crate) enum Meet {
 
 pub(crate) struct Shared {
     gates: Mutex<HashMap<PartitionKey, Gate>>,
+    /// How many gates there are (published on every unlock).
+    live: AtomicUsize,
     pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
     jitter: Duration,
@@ -64,9 +68,44 @@ pub(crate) struct Shared {
 /// The longest inferred cooldown.
 const MAX_INFERRED: Duration = Duration::from_secs(30);
 
+/// The locked gates; on unlock, their number is published to [`Shared::live`] so the common
+/// case (no gate at all) is answered without the lock.
+struct Gates<'a> {
+    map: MutexGuard<'a, HashMap<PartitionKey, Gate>>,
+    live: &'a AtomicUsize,
+}
+
+impl Deref for Gates<'_> {
+    type Target = HashMap<PartitionKey, Gate>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl DerefMut for Gates<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Drop for Gates<'_> {
+    fn drop(&mut self) {
+        self.live.store(self.map.len(), Ordering::SeqCst);
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Gate>> {
-        self.gates.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Gates<'_> {
+        Gates {
+            map: self.gates.lock().unwrap_or_else(|e| e.into_inner()),
+            live: &self.live,
+        }
+    }
+
+    /// Whether no partition has a gate (closed, reopening or counting strikes): every request
+    /// passes, and nothing needs the lock.
+    fn none(&self) -> bool {
+        self.live.load(Ordering::SeqCst) == 0
     }
 
     /// When the partition's gate opens, if it is closed now.
@@ -96,14 +135,21 @@ impl Shared {
 
     /// Meets the gate of `p`: closed, waiting for a probe, or pass (as a probe while the gate is
     /// reopening and the window has room).
-    pub(crate) fn meet(&self, p: PartitionKey, now: Instant) -> Meet {
+    pub(crate) fn meet(&self, p: PartitionKey) -> Meet {
+        if self.none() {
+            return Meet::Pass { probe: false };
+        }
         let mut gates = self.lock();
         let Some(g) = gates.get_mut(&p) else {
             return Meet::Pass { probe: false };
         };
-        if g.until > now {
+        if g.until > Instant::now() {
             Meet::Closed(g.until)
         } else if g.window == 0 {
+            if g.strikes == 0 && g.probes == 0 {
+                // Fully open and nothing to remember: as if it never closed.
+                gates.remove(&p);
+            }
             Meet::Pass { probe: false }
         } else if g.probes >= g.window {
             Meet::Probing(g.notify.clone())
@@ -149,9 +195,15 @@ impl Shared {
 
     /// A request of `p` succeeded: inferred cooldowns start over.
     pub(crate) fn succeeded(&self, p: PartitionKey) {
+        if self.none() {
+            return;
+        }
         let mut gates = self.lock();
         if let Some(g) = gates.get_mut(&p) {
             g.strikes = 0;
+            if g.window == 0 && g.probes == 0 && g.until <= Instant::now() {
+                gates.remove(&p);
+            }
         }
     }
 
@@ -278,6 +330,7 @@ impl RetryAfterLayer {
         Self {
             shared: Arc::new(Shared {
                 gates: Mutex::new(HashMap::new()),
+                live: AtomicUsize::new(0),
                 ctx: c.ctx.clone(),
                 max_wait: c.max_wait,
                 jitter: c.jitter,
