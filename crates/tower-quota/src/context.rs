@@ -49,6 +49,7 @@
 use crate::classify::{Classification, Classify, DefaultClassifier};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
 use crate::signals::{ParseContext, Signals, SystemClock, WallClock};
+use crate::wire::WireMark;
 use http::{Request, Response};
 use std::error::Error as StdError;
 use std::fmt;
@@ -75,11 +76,13 @@ impl fmt::Debug for QuotaContext {
     }
 }
 
-/// The partition a request was given, and by which partitioner.
-#[derive(Clone, Copy)]
-struct CachedPartition {
-    by: usize,
-    key: PartitionKey,
+/// What the layers of a stack leave on a request for the layers below it, in one extension (one
+/// insert per request for all of it): the partition and the partitioner that computed it, and the
+/// budget's [`WireMark`].
+#[derive(Clone, Default)]
+pub(crate) struct Stamp {
+    partition: Option<(usize, PartitionKey)>,
+    pub(crate) wire: Option<WireMark>,
 }
 
 /// The address of the value behind an `Arc`: which partitioner or classifier made a cache entry.
@@ -121,13 +124,15 @@ impl QuotaContext {
     /// The partition of `req`: computed once per request and cached in its extensions.
     pub(crate) fn partition<B>(&self, req: &mut Request<B>) -> PartitionKey {
         let by = identity(&self.partitioner);
-        if let Some(c) = req.extensions().get::<CachedPartition>() {
-            if c.by == by {
-                return c.key;
+        if let Some((made_by, key)) = req.extensions().get::<Stamp>().and_then(|s| s.partition) {
+            if made_by == by {
+                return key;
             }
         }
         let key = self.partitioner.partition(req.headers(), req.extensions());
-        req.extensions_mut().insert(CachedPartition { by, key });
+        req.extensions_mut()
+            .get_or_insert_default::<Stamp>()
+            .partition = Some((by, key));
         key
     }
 

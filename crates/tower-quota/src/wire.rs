@@ -9,6 +9,7 @@
 //! inside one of our queues: refund. A mark nobody touched means an inner service we do not know
 //! took it: assume it was sent.
 
+use crate::context::Stamp;
 use http::Extensions;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -50,18 +51,25 @@ impl WireMark {
     }
 }
 
+/// Puts `mark` on a request (replacing any other).
+pub(crate) fn mark(ext: &mut Extensions, mark: WireMark) {
+    ext.get_or_insert_default::<Stamp>().wire = Some(mark);
+}
+
+fn set(ext: &Extensions, state: u8) {
+    if let Some(m) = ext.get::<Stamp>().and_then(|s| s.wire.as_ref()) {
+        m.0.wire().store(state, Ordering::SeqCst);
+    }
+}
+
 /// A layer took the request and may hold it before sending.
 pub(crate) fn pending(ext: &Extensions) {
-    if let Some(m) = ext.get::<WireMark>() {
-        m.0.wire().store(PENDING, Ordering::SeqCst);
-    }
+    set(ext, PENDING);
 }
 
 /// A layer hands the request on.
 pub(crate) fn sent(ext: &Extensions) {
-    if let Some(m) = ext.get::<WireMark>() {
-        m.0.wire().store(SENT, Ordering::SeqCst);
-    }
+    set(ext, SENT);
 }
 
 #[cfg(test)]
@@ -72,7 +80,7 @@ mod tests {
     fn states() {
         let mut ext = Extensions::new();
         let c = Arc::new(cell());
-        ext.insert(WireMark::new(c.clone()));
+        mark(&mut ext, WireMark::new(c.clone()));
         assert!(
             maybe_sent(&*c),
             "untouched: an unknown inner service took it"

@@ -4,7 +4,7 @@ use super::body::BudgetBody;
 use super::error::BudgetError;
 use super::layer::{Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle, drive};
-use super::store::{Admission, Learned, Scope, StoreFuture};
+use super::store::{Admission, Learned, StoreFuture};
 use super::{Bucket, Cost};
 use crate::BoxError;
 use crate::classify::{Outcome, TransportKind};
@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -34,23 +34,21 @@ pin_project! {
         S: Service<Request<B>>,
     {
         svc: S,
-        req: Option<Request<B>>,
         shared: Arc<Shared>,
         partition: PartitionKey,
         cost: Cost,
-        scopes: Arc<[Scope]>,
         own: Arc<Queue>,
-        global: Option<Arc<Semaphore>>,
         turn: Option<OwnedSemaphorePermit>,
         global_turn: Option<OwnedSemaphorePermit>,
         acquire: Option<Acquire>,
         asking: Option<StoreFuture<'static, Admission>>,
         sleep: Option<Pin<Box<Sleep>>>,
+        phase: Phase,
         queued: bool,
         probe: bool,
         not_sent: Option<NotSent>,
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Request<B>>,
     }
 
     impl<S, B> PinnedDrop for ResponseFuture<S, B>
@@ -68,17 +66,25 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        /// Waiting for the partition's FIFO turn.
-        Turn,
-        /// Holding the turn: asking the store (with the global cap's turn while it binds).
-        Reserve,
-        /// Told to come back at `until`.
-        Waiting { until: Instant },
-        /// Admitted: waiting for the inner service.
-        Ready,
+    enum State<F, R> {
+        /// Before the call: the request waits here (in the same space the inner future takes
+        /// after it).
+        Holding { req: Option<R> },
         Calling { #[pin] fut: F },
     }
+}
+
+/// Where a request holding in the budget is.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// Before its partition's FIFO turn. `fast`: it may first try to reserve without the turn.
+    Turn { fast: bool },
+    /// Asking the store (holding the turn, unless on the fast path).
+    Reserve,
+    /// Told to come back at the instant.
+    Waiting(Instant),
+    /// Admitted: waiting for the inner service.
+    Ready,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -93,27 +99,26 @@ where
         cost: Cost,
     ) -> Self {
         let own = shared.queue(partition);
-        let scopes = own.scopes.clone();
-        let global = shared.global_turn.clone();
         shared.queued.fetch_add(1, Ordering::SeqCst);
+        // With no global cap and no probe due, a request may first try the store without taking
+        // the turn: when nobody holds or waits for the turn, nobody is ahead of it.
+        let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
         Self {
             svc,
-            req: Some(req),
             shared,
             partition,
             cost,
-            scopes,
             own,
-            global,
             turn: None,
             global_turn: None,
             acquire: None,
             asking: None,
             sleep: None,
+            phase: Phase::Turn { fast },
             queued: true,
             probe: false,
             not_sent: None,
-            state: State::Turn,
+            state: State::Holding { req: Some(req) },
         }
     }
 }
@@ -123,12 +128,12 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
-            State::Turn => "turn",
-            State::Reserve => "reserve",
-            State::Waiting { .. } => "waiting",
-            State::Ready => "ready",
-            State::Calling { .. } => "calling",
+        let state = match (&self.state, self.phase) {
+            (State::Calling { .. }, _) => "calling",
+            (_, Phase::Turn { .. }) => "turn",
+            (_, Phase::Reserve) => "reserve",
+            (_, Phase::Waiting(_)) => "waiting",
+            (_, Phase::Ready) => "ready",
         };
         f.debug_struct("ResponseFuture")
             .field("partition", &self.partition)
@@ -148,31 +153,51 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Turn => {
+            let req = match this.state.as_mut().project() {
+                StateProj::Holding { req } => req,
+                StateProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    return Poll::Ready(answer(
+                        &this.shared,
+                        *this.partition,
+                        this.own,
+                        this.turn,
+                        this.probe,
+                        this.not_sent,
+                        result,
+                    ));
+                }
+            };
+            match *this.phase {
+                Phase::Turn { fast } => {
+                    if fast && this.own.queue.available_permits() > 0 {
+                        *this.phase = Phase::Reserve;
+                        continue;
+                    }
                     let permit = ready!(poll_acquire(&this.own.queue, this.acquire, cx));
                     *this.turn = Some(permit);
-                    this.state.set(State::Reserve);
+                    *this.phase = Phase::Reserve;
                 }
-                StateProj::Reserve => {
+                Phase::Reserve => {
                     // The global turn is held only while the global cap is what binds: a request
                     // waiting for its own key's refill must not hold up the other keys.
                     if this.global_turn.is_none() {
-                        if let Some(g) = this.global.as_ref() {
+                        if let Some(g) = this.shared.global_turn.as_ref() {
                             *this.global_turn = Some(ready!(poll_acquire(g, this.acquire, cx)));
                         }
                     }
                     let shared = &**this.shared;
+                    let scopes = &this.own.scopes;
                     let answer = match this.asking.as_mut() {
                         Some(asking) => {
                             let a = ready!(asking.as_mut().poll(cx));
                             *this.asking = None;
                             a
                         }
-                        None => match shared.store.try_reserve(this.scopes, *this.cost) {
+                        None => match shared.store.try_reserve(scopes, *this.cost) {
                             Some(a) => a,
                             None => {
-                                let (store, scopes) = (shared.store.clone(), this.scopes.clone());
+                                let (store, scopes) = (shared.store.clone(), scopes.clone());
                                 let cost = *this.cost;
                                 *this.asking =
                                     Some(Box::pin(
@@ -192,24 +217,22 @@ where
                             // of a partition is a probe: it keeps the turn until its response has
                             // taught the store the limits, so the queue behind it is not admitted
                             // blind.
-                            *this.probe = shared.learn
-                                && !this.own.probed.load(Ordering::SeqCst)
-                                && this.scopes[0].limits.has_unset();
+                            *this.probe = this.turn.is_some() && shared.probe_due(this.own);
                             if !*this.probe {
                                 *this.turn = None;
                             }
                             let handle = ReservationHandle::new(
                                 shared.store.clone(),
-                                this.scopes.clone(),
+                                scopes.clone(),
                                 *this.partition,
                                 *this.cost,
                                 charged,
                             );
-                            if let Some(req) = this.req.as_mut() {
-                                req.extensions_mut().insert(handle.wire_mark());
+                            if let Some(req) = req.as_mut() {
+                                crate::wire::mark(req.extensions_mut(), handle.wire_mark());
                             }
                             *this.not_sent = Some(NotSent::new(handle));
-                            this.state.set(State::Ready);
+                            *this.phase = Phase::Ready;
                         }
                         Admission::TooLarge {
                             partition,
@@ -223,6 +246,10 @@ where
                                 needed,
                                 capacity,
                             })));
+                        }
+                        Admission::Wait { .. } if this.turn.is_none() => {
+                            // The fast path found no room: queue for the turn like everyone.
+                            *this.phase = Phase::Turn { fast: false };
                         }
                         Admission::Wait {
                             retry_in,
@@ -246,59 +273,67 @@ where
                                 wait_ms = retry_in.as_millis() as u64,
                                 "budget: waiting"
                             );
-                            this.state.set(State::Waiting {
-                                until: Instant::now() + retry_in,
-                            });
+                            *this.phase = Phase::Waiting(Instant::now() + retry_in);
                         }
                     }
                 }
-                StateProj::Waiting { until } => {
-                    ready!(crate::util::sleep_until(this.sleep, *until, cx));
-                    this.state.set(State::Reserve);
+                Phase::Waiting(until) => {
+                    ready!(crate::util::sleep_until(this.sleep, until, cx));
+                    *this.phase = Phase::Reserve;
                 }
-                StateProj::Ready => {
+                Phase::Ready => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
-                    let req = this.req.take().expect("request sent once");
+                    let req = req.take().expect("request sent once");
                     if let Some(n) = this.not_sent.as_mut() {
                         n.handed_on();
                     }
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
-                StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
-                    let not_sent = this.not_sent.take().expect("reserved before the call");
-                    let handle = not_sent.answered();
-                    let shared = &**this.shared;
-                    let mut res = match result {
-                        Ok(res) => res,
-                        Err(e) => {
-                            let verdict = shared.ctx.classify_error(&*e);
-                            if verdict.outcome == Outcome::Transport(TransportKind::Connect) {
-                                // The request never reached the server.
-                                handle.refund();
-                            }
-                            return Poll::Ready(Err(e));
-                        }
-                    };
-                    settle_answer(shared, *this.partition, &handle, &mut res);
-                    if *this.probe {
-                        *this.probe = false;
-                        this.own.probed.store(true, Ordering::SeqCst);
-                        *this.turn = None;
-                    }
-                    let sse = res
-                        .headers()
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.starts_with("text/event-stream"));
-                    res.extensions_mut().insert(handle.clone());
-                    let settle = shared.reconcile.then_some(handle);
-                    return Poll::Ready(Ok(res.map(|b| BudgetBody::new(b, settle, sse))));
-                }
             }
         }
     }
+}
+
+/// The inner service answered: settle, learn, release the probe's turn, wrap the body.
+fn answer<ResB>(
+    shared: &Shared,
+    partition: PartitionKey,
+    own: &Queue,
+    turn: &mut Option<OwnedSemaphorePermit>,
+    probe: &mut bool,
+    not_sent: &mut Option<NotSent>,
+    result: Result<Response<ResB>, BoxError>,
+) -> Result<Response<BudgetBody<ResB>>, BoxError> {
+    let handle = not_sent
+        .take()
+        .expect("reserved before the call")
+        .answered();
+    let mut res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            let verdict = shared.ctx.classify_error(&*e);
+            if verdict.outcome == Outcome::Transport(TransportKind::Connect) {
+                // The request never reached the server.
+                handle.refund();
+            }
+            return Err(e);
+        }
+    };
+    settle_answer(shared, partition, &handle, &mut res);
+    if *probe {
+        *probe = false;
+        own.probed.store(true, Ordering::SeqCst);
+        *turn = None;
+    }
+    let sse = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    res.extensions_mut().insert(handle.clone());
+    let settle = shared.reconcile.then_some(handle);
+    Ok(res.map(|b| BudgetBody::new(b, settle, sse)))
 }
 
 /// What a response teaches the budget: the limits and levels in its headers, a refund when the

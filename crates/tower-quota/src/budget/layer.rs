@@ -71,6 +71,12 @@ impl Shared {
         }
     }
 
+    /// Whether a request of the partition of `own` must be its probe: some limit is neither
+    /// configured nor learned and no response has been seen yet.
+    pub(crate) fn probe_due(&self, own: &Queue) -> bool {
+        self.learn && !own.probed.load(Ordering::SeqCst) && own.scopes[0].limits.has_unset()
+    }
+
     /// The queue of partition `p`: its FIFO turn (only the holder asks the store) and its scopes.
     /// A request takes it, then the global cap's turn ([`Shared::global_turn`]) while that binds.
     pub(crate) fn queue(&self, p: PartitionKey) -> Arc<Queue> {

@@ -35,7 +35,6 @@ pin_project! {
         S: Service<Request<B>>,
     {
         svc: S,
-        req: Option<Request<B>>,
         shared: Arc<Shared>,
         limiters: [Option<Arc<Limiter>>; 2],
         next: usize,
@@ -43,16 +42,18 @@ pin_project! {
         permit: Option<Permit>,
         saturated: bool,
         sent_at: Option<Instant>,
+        // Every slot held, waiting for the inner service.
+        acquired: bool,
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Request<B>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        Acquiring,
-        Ready,
+    enum State<F, R> {
+        /// Before the call: the request waits here (in the space the inner future takes after).
+        Holding { req: Option<R> },
         Calling { #[pin] fut: F },
     }
 }
@@ -69,7 +70,6 @@ where
     ) -> Self {
         Self {
             svc,
-            req: Some(req),
             shared,
             limiters,
             next: 0,
@@ -77,7 +77,8 @@ where
             permit: Some(Permit::new()),
             saturated: false,
             sent_at: None,
-            state: State::Acquiring,
+            acquired: false,
+            state: State::Holding { req: Some(req) },
         }
     }
 }
@@ -87,10 +88,10 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
-            State::Acquiring => "acquiring",
-            State::Ready => "ready",
-            State::Calling { .. } => "calling",
+        let state = match (&self.state, self.acquired) {
+            (State::Calling { .. }, _) => "calling",
+            (_, false) => "acquiring",
+            (_, true) => "ready",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -109,9 +110,9 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Acquiring => {
+                StateProj::Holding { .. } if !*this.acquired => {
                     let Some(limiter) = this.limiters.get(*this.next).and_then(Clone::clone) else {
-                        this.state.set(State::Ready);
+                        *this.acquired = true;
                         continue;
                     };
                     let permit = match this.waiting {
@@ -154,9 +155,9 @@ where
                     }
                     *this.next += 1;
                 }
-                StateProj::Ready => {
+                StateProj::Holding { req } => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
-                    let req = this.req.take().expect("request sent once");
+                    let req = req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
                     if this.limiters[0].as_ref().is_some_and(|l| l.adapts()) {
                         *this.sent_at = Some(Instant::now());

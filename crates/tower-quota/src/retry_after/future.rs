@@ -23,7 +23,6 @@ pin_project! {
         S: Service<Request<B>>,
     {
         svc: S,
-        req: Option<Request<B>>,
         shared: Arc<Shared>,
         partition: PartitionKey,
         jitter: Option<Duration>,
@@ -31,8 +30,10 @@ pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         notified: Option<Pin<Box<OwnedNotified>>>,
         probe: bool,
+        // Past the gate, waiting for the inner service.
+        passed: bool,
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Request<B>>,
     }
 
     impl<S, B> PinnedDrop for ResponseFuture<S, B>
@@ -51,9 +52,9 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        Gate,
-        Ready,
+    enum State<F, R> {
+        /// Before the call: the request waits here (in the space the inner future takes after).
+        Holding { req: Option<R> },
         Calling { #[pin] fut: F },
     }
 }
@@ -70,7 +71,6 @@ where
     ) -> Self {
         Self {
             svc,
-            req: Some(req),
             shared,
             partition,
             jitter: None,
@@ -78,7 +78,8 @@ where
             sleep: None,
             notified: None,
             probe: false,
-            state: State::Gate,
+            passed: false,
+            state: State::Holding { req: Some(req) },
         }
     }
 }
@@ -88,10 +89,10 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
-            State::Gate => "gate",
-            State::Ready => "ready",
-            State::Calling { .. } => "calling",
+        let state = match (&self.state, self.passed) {
+            (State::Calling { .. }, _) => "calling",
+            (_, false) => "gate",
+            (_, true) => "ready",
         };
         f.debug_struct("ResponseFuture")
             .field("partition", &self.partition)
@@ -111,7 +112,7 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Gate => {
+                StateProj::Holding { .. } if !*this.passed => {
                     if let Some(n) = this.notified.as_mut() {
                         // Waiting for the half-open gate's probe to answer.
                         ready!(n.as_mut().poll(cx));
@@ -157,15 +158,15 @@ where
                                         ready!(crate::util::sleep_until(this.sleep, deadline, cx));
                                     }
                                 }
-                                this.state.set(State::Ready);
+                                *this.passed = true;
                                 break;
                             }
                         }
                     }
                 }
-                StateProj::Ready => {
+                StateProj::Holding { req } => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
-                    let req = this.req.take().expect("request sent once");
+                    let req = req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
