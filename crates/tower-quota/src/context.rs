@@ -48,7 +48,7 @@
 
 use crate::classify::{Classification, Classify, DefaultClassifier};
 use crate::partition::{ApiKey, PartitionKey, Partitioner};
-use crate::signals::{ParseContext, Signals, SystemClock, WallClock};
+use crate::signals::{Signals, SystemClock, WallClock};
 use crate::wire::WireMark;
 use http::{Request, Response};
 use std::error::Error as StdError;
@@ -160,7 +160,7 @@ impl QuotaContext {
     pub(crate) fn signals_once<B>(&self, res: &Response<B>) -> Signals {
         match Signals::cached(res) {
             Some(s) => Signals::clone(&s),
-            None => Signals::parse(res.headers(), &ParseContext::now(&*self.wall)),
+            None => Signals::parse_now(res.headers(), &*self.wall),
         }
     }
 }

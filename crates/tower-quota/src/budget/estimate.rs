@@ -80,7 +80,7 @@ mod scan {
     /// The tally of a JSON object body, or `None` if it is not one.
     pub(super) fn tally(body: &[u8]) -> Option<Tally> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        let t = de.deserialize_any(Top).ok()?;
+        let t = de.deserialize_map(Top).ok()?;
         de.end().ok()?;
         Some(t)
     }
@@ -97,7 +97,7 @@ mod scan {
 
     impl<'de> serde::Deserialize<'de> for Key {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_str(KeyVisitor)
+            d.deserialize_identifier(KeyVisitor)
         }
     }
 

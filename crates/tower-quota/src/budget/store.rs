@@ -396,42 +396,30 @@ impl MemoryStore {
     pub fn reserve_now(&self, scopes: &[Scope], cost: Cost) -> Admission {
         let now = Instant::now();
         let mut map = self.lock();
+        if let [scope] = scopes {
+            // One scope (no global cap): check and charge on one look-up.
+            let part = self.entry(&mut map, scope.partition, now);
+            return match Self::check(part, scope, cost, now) {
+                Err(refused) => refused,
+                Ok(Some((retry_in, reason))) => Admission::Wait {
+                    retry_in,
+                    partition: scope.partition,
+                    reason,
+                },
+                Ok(None) => Admission::Granted {
+                    charged: Self::charge(part, scope, 0, cost, now, Charged::NONE),
+                },
+            };
+        }
         let mut wait: Option<(Duration, PartitionKey, WaitReason)> = None;
-        let mut longer = |d: Duration, p, r| {
-            let d = d.max(MIN_WAIT);
-            if wait.is_none_or(|(w, _, _)| d > w) {
-                wait = Some((d, p, r));
-            }
-        };
         for scope in scopes {
             let part = self.entry(&mut map, scope.partition, now);
-            if let Some(until) = part.cooldown_until.filter(|t| *t > now) {
-                longer(until - now, scope.partition, WaitReason::Cooldown);
-            }
-            for b in Bucket::ALL {
-                let need = cost.of(b);
-                let Some(level) = part.level(&scope.limits, b, now) else {
-                    continue;
-                };
-                let capacity = level.limit.capacity();
-                if need > capacity {
-                    return Admission::TooLarge {
-                        partition: scope.partition,
-                        bucket: b,
-                        needed: need,
-                        capacity,
-                    };
+            match Self::check(part, scope, cost, now) {
+                Err(refused) => return refused,
+                Ok(Some((d, reason))) if wait.is_none_or(|(w, _, _)| d > w) => {
+                    wait = Some((d, scope.partition, reason));
                 }
-                let missing = need as f64 - level.at(now);
-                if missing > EPSILON {
-                    let rate = level.limit.rate_per_sec();
-                    let d = if rate > 0.0 {
-                        Duration::try_from_secs_f64(missing / rate).unwrap_or(Duration::MAX)
-                    } else {
-                        Duration::MAX
-                    };
-                    longer(d, scope.partition, WaitReason::Bucket(b));
-                }
+                Ok(_) => {}
             }
         }
         if let Some((retry_in, partition, reason)) = wait {
@@ -444,14 +432,75 @@ impl MemoryStore {
         let mut charged = Charged::NONE;
         for (i, scope) in scopes.iter().enumerate() {
             let part = self.entry(&mut map, scope.partition, now);
-            for b in Bucket::ALL {
-                if let Some(level) = part.level(&scope.limits, b, now) {
-                    level.level -= cost.of(b) as f64;
-                    charged = charged.with(i, b);
-                }
-            }
+            charged = Self::charge(part, scope, i, cost, now, charged);
         }
         Admission::Granted { charged }
+    }
+
+    /// Whether `cost` fits the buckets of `scope` now: `Ok(None)` if it does, `Ok(Some(wait))` if
+    /// it must wait (the longest of its buckets' and the cooldown's), `Err(TooLarge)` if it never
+    /// fits.
+    fn check(
+        part: &mut Partition,
+        scope: &Scope,
+        cost: Cost,
+        now: Instant,
+    ) -> Result<Option<(Duration, WaitReason)>, Admission> {
+        let mut wait: Option<(Duration, WaitReason)> = None;
+        let mut longer = |d: Duration, r| {
+            let d = d.max(MIN_WAIT);
+            if wait.is_none_or(|(w, _)| d > w) {
+                wait = Some((d, r));
+            }
+        };
+        if let Some(until) = part.cooldown_until.filter(|t| *t > now) {
+            longer(until - now, WaitReason::Cooldown);
+        }
+        for b in Bucket::ALL {
+            let need = cost.of(b);
+            let Some(level) = part.level(&scope.limits, b, now) else {
+                continue;
+            };
+            let capacity = level.limit.capacity();
+            if need > capacity {
+                return Err(Admission::TooLarge {
+                    partition: scope.partition,
+                    bucket: b,
+                    needed: need,
+                    capacity,
+                });
+            }
+            let missing = need as f64 - level.at(now);
+            if missing > EPSILON {
+                let rate = level.limit.rate_per_sec();
+                let d = if rate > 0.0 {
+                    Duration::try_from_secs_f64(missing / rate).unwrap_or(Duration::MAX)
+                } else {
+                    Duration::MAX
+                };
+                longer(d, WaitReason::Bucket(b));
+            }
+        }
+        Ok(wait)
+    }
+
+    /// Takes `cost` from every existing bucket of `scope` (number `i`); returns `charged` with
+    /// them added.
+    fn charge(
+        part: &mut Partition,
+        scope: &Scope,
+        i: usize,
+        cost: Cost,
+        now: Instant,
+        mut charged: Charged,
+    ) -> Charged {
+        for b in Bucket::ALL {
+            if let Some(level) = part.level(&scope.limits, b, now) {
+                level.level -= cost.of(b) as f64;
+                charged = charged.with(i, b);
+            }
+        }
+        charged
     }
 
     /// The synchronous adjustment.

@@ -169,13 +169,15 @@ where
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
                     if let (Some(own), Some(sent_at)) = (this.limiters[0].as_ref(), *this.sent_at) {
                         // An adaptive limit learns from every attempt's outcome and round trip.
-                        let rtt = sent_at.elapsed();
+                        let now = Instant::now();
+                        let rtt = now.saturating_duration_since(sent_at);
                         let ctx = &this.shared.ctx;
                         let outcome = match &result {
                             Ok(res) => ctx.classify(res).outcome,
                             Err(e) => ctx.classify_error(&**e).outcome,
                         };
-                        own.observe(outcome, rtt, *this.saturated && outcome == Outcome::Success);
+                        let saturated = *this.saturated && outcome == Outcome::Success;
+                        own.observe_at(outcome, rtt, saturated, now);
                     }
                     let permit = this.permit.take().expect("permit handed over once");
                     return Poll::Ready(match result {

@@ -55,6 +55,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether each partition has its own limit.
+    pub(crate) fn partitioned(&self) -> bool {
+        matches!(self.mode, Mode::Partitioned { .. })
+    }
+
     /// The limiters a request of partition `p` must pass, in acquisition order.
     pub(crate) fn limiters(&self, p: PartitionKey) -> [Option<Arc<Limiter>>; 2] {
         let own = match &self.mode {

@@ -148,9 +148,21 @@ impl Limiter {
     }
 
     /// Feeds one attempt's outcome and round-trip time to the policy.
+    #[cfg(test)]
     pub(crate) fn observe(&self, outcome: Outcome, rtt: Duration, saturated: bool) {
+        self.observe_at(outcome, rtt, saturated, Instant::now());
+    }
+
+    /// Feeds one attempt's outcome and round-trip time to the policy.
+    /// `now`: the instant the answer came.
+    pub(crate) fn observe_at(
+        &self,
+        outcome: Outcome,
+        rtt: Duration,
+        saturated: bool,
+        now: Instant,
+    ) {
         let Policy::Aimd(a) = self.policy else { return };
-        let now = Instant::now();
         let mut s = self.lock();
         let smoothed = match s.rtt {
             None => rtt,

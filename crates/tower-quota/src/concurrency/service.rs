@@ -3,6 +3,7 @@ use super::body::ConcurrencyBody;
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::BoxError;
+use crate::partition::PartitionKey;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -51,7 +52,11 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         crate::wire::pending(req.extensions());
-        let p = self.shared.ctx.partition(&mut req);
+        // One limit for all needs no partition; per-partition limits do.
+        let p = match self.shared.partitioned() {
+            true => self.shared.ctx.partition(&mut req),
+            false => PartitionKey::ANONYMOUS,
+        };
         let limiters = self.shared.limiters(p);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), limiters)
     }

@@ -195,13 +195,28 @@ struct Cached(Arc<Signals>);
 impl Signals {
     /// Parses `headers`. Never fails: whatever is not understood is left out.
     pub fn parse(headers: &HeaderMap, ctx: &ParseContext) -> Self {
+        Self::parse_at(headers, ctx.received_at, &|| ctx.wall)
+    }
+
+    /// Parses `headers` received at `received_at`, reading the wall clock only if a date needs it
+    /// and the response has no `Date` header.
+    pub(crate) fn parse_at(
+        headers: &HeaderMap,
+        received_at: Instant,
+        wall: &dyn Fn() -> SystemTime,
+    ) -> Self {
         let mut raw = Raw::default();
         for (name, value) in headers {
             // Non-UTF-8 and non-visible-ASCII values fail here and are ignored.
             let Ok(value) = value.to_str() else { continue };
             raw.take(name.as_str(), value);
         }
-        raw.finish(ctx)
+        raw.finish(received_at, wall)
+    }
+
+    /// Parses `headers` received now, measuring dates against `wall` when there is no `Date`.
+    pub(crate) fn parse_now(headers: &HeaderMap, wall: &dyn WallClock) -> Self {
+        Self::parse_at(headers, Instant::now(), &|| wall.now())
     }
 
     /// The snapshot cached in `res`, parsed now (on tokio's clock and the system clock) if it is not
@@ -215,7 +230,7 @@ impl Signals {
         if let Some(Cached(s)) = res.extensions().get::<Cached>() {
             return s.clone();
         }
-        let s = Arc::new(Self::parse(res.headers(), &ParseContext::now(wall)));
+        let s = Arc::new(Self::parse_now(res.headers(), wall));
         res.extensions_mut().insert(Cached(s.clone()));
         s
     }
@@ -387,7 +402,7 @@ impl<'a> Raw<'a> {
         }
     }
 
-    fn finish(self, ctx: &ParseContext) -> Signals {
+    fn finish(self, received_at: Instant, wall: &dyn Fn() -> SystemTime) -> Signals {
         // Dates are measured against the server's own clock when it sent one.
         // Parsed only when some value is a date.
         let reference = std::cell::OnceCell::new();
@@ -395,7 +410,7 @@ impl<'a> Raw<'a> {
             Reset::In(d) => d,
             Reset::At(t) => {
                 let now = reference
-                    .get_or_init(|| self.date.and_then(parse::http_date).unwrap_or(ctx.wall));
+                    .get_or_init(|| self.date.and_then(parse::http_date).unwrap_or_else(wall));
                 t.duration_since(*now).unwrap_or(Duration::ZERO)
             }
         };
@@ -440,7 +455,7 @@ impl<'a> Raw<'a> {
         merge(Bucket::Requests, &self.generic);
 
         Signals {
-            received_at: ctx.received_at,
+            received_at,
             retry_after,
             should_retry: self.should_retry,
             buckets,
