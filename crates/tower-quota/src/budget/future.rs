@@ -158,7 +158,7 @@ where
                 StateProj::Calling { fut } => {
                     let result = ready!(fut.poll(cx)).map_err(Into::into);
                     return Poll::Ready(answer(
-                        &this.shared,
+                        this.shared,
                         *this.partition,
                         this.own,
                         this.turn,

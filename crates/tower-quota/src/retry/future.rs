@@ -119,7 +119,7 @@ where
                     let shared = &**this.shared;
                     let (next, outcome, failure) = match result {
                         Ok(mut res) => {
-                            let verdict = shared.ctx.classify(&mut res);
+                            let verdict = shared.ctx.classify(&res);
                             // A response an inner retry loop already gave up on is final.
                             let given_up = res
                                 .extensions()
