@@ -328,3 +328,27 @@ async fn a_service_that_is_not_send_works_under_each_layer_and_the_stack() {
         })
         .await;
 }
+
+#[test]
+fn services_are_send_and_sync_and_their_futures_send() {
+    fn service<S>(_: &S)
+    where
+        S: tower::Service<Request<Full<Bytes>>> + Send + Sync,
+        S::Future: Send,
+    {
+    }
+    let (server, _) = scripted(0, 200, &[]);
+    service(&BackoffRetryLayer::new().layer(server.clone()));
+    service(&RetryAfterLayer::new().layer(server.clone()));
+    service(&ConcurrencyLimitLayer::fixed(1).layer(server.clone()));
+    service(
+        &ConcurrencyLimitLayer::fixed(1)
+            .per_partition(8)
+            .layer(server.clone()),
+    );
+    service(&TokenBudgetLayer::new(Limits::new()).layer(server.clone()));
+    let stack = ServiceBuilder::new()
+        .quota_stack(Preset::anthropic(Limits::new()))
+        .service(server);
+    service(&stack);
+}

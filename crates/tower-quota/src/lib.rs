@@ -54,6 +54,27 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Backpressure
+//!
+//! tower's contract is that a service says "not now" in `poll_ready`. Most of this crate's waits
+//! depend on the request (its API key's gate, its partition's budget and slots, its cost), which
+//! `poll_ready` cannot see, so:
+//!
+//! - [`ConcurrencyLimit`](concurrency::ConcurrencyLimit) with one limit for every request (the
+//!   default) reserves its slot in `poll_ready`, as tower's own `ConcurrencyLimit` does: while the
+//!   limit is full it is pending, so `load_shed()` in front of it sheds and a `Buffer` in front of
+//!   it queues.
+//! - Every other service of the crate ([`BackoffRetry`](retry::BackoffRetry),
+//!   [`TokenBudget`](budget::TokenBudget), [`RetryAfter`](retry_after::RetryAfter), and a
+//!   per-partition concurrency limit) is always ready: it clones its inner service and waits in the
+//!   response future (for its turn, its budget, its gate, its slot), then drives the clone to
+//!   readiness and calls it. Waiting there holds nothing of the inner service. A `load_shed()` in
+//!   front of those never sheds; bound the wait instead (each layer has a cap on how long it waits,
+//!   and a timeout outside the stack bounds the whole call).
+//!
+//! To test back-pressure, poll the response future (it is pending while the request waits), as
+//! `tests/tests/tokio_test_unit.rs` in the repository shows.
+//!
 //! # Testing under paused time
 //!
 //! Every wait goes through `tokio::time`, so stacks run deterministically and fast under

@@ -1,12 +1,13 @@
 //! The crate's macros.
 
 /// The accessors every service of this crate has (`get_ref`, `get_mut`, `into_inner`), and a
-/// `Clone` written by hand so that cloning needs only `S: Clone` (the shared state is an `Arc`).
+/// `Clone` written by hand so that cloning needs only `S: Clone` (the shared state is an `Arc`)
+/// and a clone starts its own `field`s afresh (a reservation is never cloned).
 macro_rules! inner_service {
-    ($svc:ident) => {
+    ($svc:ident $(, $field:ident: $init:expr)*) => {
         impl<S> $svc<S> {
             pub(crate) fn new(inner: S, shared: std::sync::Arc<Shared>) -> Self {
-                Self { inner, shared }
+                Self { inner, shared $(, $field: $init)* }
             }
 
             /// The inner service.
@@ -30,6 +31,7 @@ macro_rules! inner_service {
                 Self {
                     inner: self.inner.clone(),
                     shared: self.shared.clone(),
+                    $($field: $init,)*
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! The response future of [`ConcurrencyLimit`](super::ConcurrencyLimit).
 
 use super::body::ConcurrencyBody;
-use super::layer::{Permit, Shared};
-use super::limiter::Limiter;
+use super::layer::Shared;
+use super::slots::Slots;
 use crate::BoxError;
 use crate::classify::Outcome;
 use http::{Request, Response};
@@ -11,22 +11,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use tokio::time::Instant;
 use tower::Service;
-
-use crate::util::Acquire;
-
-/// Counts a request as queued at a limiter while it waits there.
-struct Queued(Arc<Limiter>);
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 pin_project! {
     /// Waits for a slot (FIFO), sends the request, and hands the slot to the response body.
@@ -36,11 +24,7 @@ pin_project! {
     {
         svc: S,
         shared: Arc<Shared>,
-        limiters: [Option<Arc<Limiter>>; 2],
-        next: usize,
-        waiting: Option<(Acquire, Queued)>,
-        permit: Option<Permit>,
-        saturated: bool,
+        slots: Option<Slots>,
         sent_at: Option<Instant>,
         // Every slot held, waiting for the inner service.
         acquired: bool,
@@ -62,20 +46,11 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(
-        svc: S,
-        req: Request<B>,
-        shared: Arc<Shared>,
-        limiters: [Option<Arc<Limiter>>; 2],
-    ) -> Self {
+    pub(crate) fn new(svc: S, req: Request<B>, shared: Arc<Shared>, slots: Slots) -> Self {
         Self {
             svc,
             shared,
-            limiters,
-            next: 0,
-            waiting: None,
-            permit: Some(Permit::new()),
-            saturated: false,
+            slots: Some(slots),
             sent_at: None,
             acquired: false,
             state: State::Holding { req: Some(req) },
@@ -111,55 +86,17 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Holding { .. } if !*this.acquired => {
-                    let Some(limiter) = this.limiters.get(*this.next).and_then(Clone::clone) else {
-                        *this.acquired = true;
-                        continue;
-                    };
-                    let permit = match this.waiting {
-                        Some((acquire, _)) => {
-                            let p = ready!(acquire.as_mut().poll(cx));
-                            *this.waiting = None;
-                            p
-                        }
-                        None => match limiter.semaphore().try_acquire_owned() {
-                            Ok(p) => Ok(p),
-                            Err(_) => {
-                                if *this.next == 0 {
-                                    *this.saturated = true;
-                                }
-                                let queued = limiter.queued.fetch_add(1, Ordering::SeqCst) + 1;
-                                tracing::trace!(
-                                    limit = limiter.limit(),
-                                    queued,
-                                    global = *this.next == 1,
-                                    "concurrency: waiting for a slot"
-                                );
-                                let acquire: Acquire =
-                                    Box::pin(limiter.semaphore().acquire_owned());
-                                *this.waiting = Some((acquire, Queued(limiter.clone())));
-                                continue;
-                            }
-                        },
-                    };
-                    // The semaphores are never closed.
-                    let permit = permit.map_err(|e| -> BoxError { Box::new(e) })?;
-                    let reached = limiter.acquired();
-                    if *this.next == 0 {
-                        // Demand exceeds the limit if the slot was full when we came, or if we had
-                        // to queue for it (with lockstep completions the in-flight count dips
-                        // below the limit between a release and the next acquire).
-                        *this.saturated |= reached;
+                    if let Some(slots) = this.slots.as_mut() {
+                        ready!(slots.poll_acquire(cx));
                     }
-                    if let Some(p) = this.permit.as_mut() {
-                        p.push(limiter, permit);
-                    }
-                    *this.next += 1;
+                    *this.acquired = true;
                 }
                 StateProj::Holding { req } => {
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
-                    if this.limiters[0].as_ref().is_some_and(|l| l.adapts()) {
+                    let slots = this.slots.as_ref();
+                    if slots.and_then(Slots::own).is_some_and(|l| l.adapts()) {
                         *this.sent_at = Some(Instant::now());
                     }
                     let fut = this.svc.call(req);
@@ -167,7 +104,8 @@ where
                 }
                 StateProj::Calling { fut } => {
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
-                    if let (Some(own), Some(sent_at)) = (this.limiters[0].as_ref(), *this.sent_at) {
+                    let slots = this.slots.take().expect("slots handed over once");
+                    if let (Some(own), Some(sent_at)) = (slots.own(), *this.sent_at) {
                         // An adaptive limit learns from every attempt's outcome and round trip.
                         let now = Instant::now();
                         let rtt = now.saturating_duration_since(sent_at);
@@ -176,10 +114,10 @@ where
                             Ok(res) => ctx.classify(res).outcome,
                             Err(e) => ctx.classify_error(&**e).outcome,
                         };
-                        let saturated = *this.saturated && outcome == Outcome::Success;
+                        let saturated = slots.saturated() && outcome == Outcome::Success;
                         own.observe_at(outcome, rtt, saturated, now);
                     }
-                    let permit = this.permit.take().expect("permit handed over once");
+                    let permit = slots.into_permit();
                     return Poll::Ready(match result {
                         Ok(res) => Ok(res.map(|b| ConcurrencyBody::new(b, permit))),
                         Err(e) => Err(e),

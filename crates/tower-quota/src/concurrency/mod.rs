@@ -61,6 +61,7 @@ pub mod future;
 mod layer;
 mod limiter;
 mod service;
+mod slots;
 
 pub use body::ConcurrencyBody;
 pub use layer::{ConcurrencyHandle, ConcurrencyLimitLayer};

@@ -2,22 +2,34 @@ use super::ConcurrencyLimitLayer;
 use super::body::ConcurrencyBody;
 use super::future::ResponseFuture;
 use super::layer::Shared;
+use super::slots::{Reserved, Slots, poll_reserve};
 use crate::BoxError;
 use crate::partition::PartitionKey;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use tower::Service;
 
 /// The service [`ConcurrencyLimitLayer`] makes. See the [module docs](super).
 ///
-/// It is always ready: the slot is acquired inside the response future, because which limit
-/// applies depends on the request's partition. The inner service is made ready only once the slot
-/// is held.
+/// # Readiness
+///
+/// With one limit for every request (the default), `poll_ready` reserves the slot (and the global
+/// cap's) as tower's `ConcurrencyLimit` does: it is pending while the limit is full, so
+/// `load_shed` or a `Buffer` in front of it see the back-pressure. With
+/// [`per_partition`](ConcurrencyLimitLayer::per_partition) limits, which slot a request needs
+/// depends on the request, so the service is always ready and the response future waits for the
+/// slot. Either way the inner service is made ready (a clone of it, in the response future) only
+/// once the slot is held.
+///
+/// # Clone
+///
+/// A clone shares the limits, not the original's reservation.
 pub struct ConcurrencyLimit<S> {
     inner: S,
     shared: Arc<Shared>,
+    reserved: Reserved,
 }
 
 impl<S> ConcurrencyLimit<S> {
@@ -27,7 +39,7 @@ impl<S> ConcurrencyLimit<S> {
     }
 }
 
-inner_service!(ConcurrencyLimit);
+inner_service!(ConcurrencyLimit, reserved: None);
 
 impl<S: fmt::Debug> fmt::Debug for ConcurrencyLimit<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -46,18 +58,32 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S, B>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if !self.shared.partitioned() {
+            let shared = &self.shared;
+            ready!(poll_reserve(
+                &mut self.reserved,
+                || Slots::new(shared.limiters(PartitionKey::ANONYMOUS)),
+                cx
+            ));
+        }
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         crate::wire::pending(req.extensions());
         // One limit for all needs no partition; per-partition limits do.
-        let p = match self.shared.partitioned() {
-            true => self.shared.ctx.partition(&mut req),
-            false => PartitionKey::ANONYMOUS,
+        let slots = match self.reserved.take() {
+            // Reserved by poll_ready (or still being taken, if `call` came without it).
+            Some(slots) => slots.into_inner(),
+            None => {
+                let p = match self.shared.partitioned() {
+                    true => self.shared.ctx.partition(&mut req),
+                    false => PartitionKey::ANONYMOUS,
+                };
+                Slots::new(self.shared.limiters(p))
+            }
         };
-        let limiters = self.shared.limiters(p);
-        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), limiters)
+        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), slots)
     }
 }

@@ -142,3 +142,59 @@ async fn the_adaptive_limit_shrinks_on_429s_seen_per_attempt() {
     // 10 * 0.9^5 = 5.9: five decreases, one per round trip.
     assert_eq!(handle.limit(), 5);
 }
+
+#[tokio::test]
+async fn one_limit_for_all_reserves_its_slot_in_poll_ready() {
+    let layer = ConcurrencyLimitLayer::fixed(1);
+    let (m, mut h) = mock();
+    let mut a = tower_test::mock::Spawn::new(layer.layer(m.clone()));
+    let mut b = tower_test::mock::Spawn::new(layer.layer(m));
+    tokio_test::assert_ready_ok!(a.poll_ready());
+    let first = a.call(req("k", "a"));
+    // The slot is taken: another service of the layer is not ready until it comes back.
+    tokio_test::assert_pending!(b.poll_ready());
+    assert_eq!(layer.handle().queued(), 1);
+    let mut first = tokio_test::task::spawn(first);
+    tokio_test::assert_pending!(first.poll());
+    let (_, send) = h.next_request().await.unwrap();
+    send.send_response(ok("a"));
+    let res = tokio_test::assert_ready_ok!(first.poll());
+    tokio_test::assert_pending!(b.poll_ready());
+    drop(res);
+    assert!(b.is_woken());
+    tokio_test::assert_ready_ok!(b.poll_ready());
+    // A clone does not carry the reservation.
+    let mut c = tower_test::mock::Spawn::new(b.get_ref().clone());
+    tokio_test::assert_pending!(c.poll_ready());
+    // Dropping a reserving service returns its slot.
+    drop(b);
+    assert!(c.is_woken());
+    tokio_test::assert_ready_ok!(c.poll_ready());
+}
+
+#[tokio::test]
+async fn load_shed_in_front_of_a_full_limit_sheds() {
+    let (m, _h) = mock();
+    let svc = tower::ServiceBuilder::new()
+        .load_shed()
+        .layer(ConcurrencyLimitLayer::fixed(1))
+        .service(m);
+    let mut held = tokio_test::task::spawn(svc.clone().oneshot(req("k", "held")));
+    tokio_test::assert_pending!(held.poll());
+    let shed = svc.oneshot(req("k", "shed")).await.unwrap_err();
+    assert!(shed.is::<tower::load_shed::error::Overloaded>(), "{shed}");
+}
+
+#[tokio::test]
+async fn per_partition_limits_are_always_ready_and_wait_in_the_future() {
+    let layer = ConcurrencyLimitLayer::fixed(1).per_partition(16);
+    let (m, _h) = mock();
+    let mut a = tower_test::mock::Spawn::new(layer.layer(m));
+    tokio_test::assert_ready_ok!(a.poll_ready());
+    let mut first = tokio_test::task::spawn(a.call(req("k", "a")));
+    tokio_test::assert_pending!(first.poll());
+    tokio_test::assert_ready_ok!(a.poll_ready());
+    let mut second = tokio_test::task::spawn(a.call(req("k", "b")));
+    tokio_test::assert_pending!(second.poll());
+    assert_eq!(layer.handle().queued(), 1);
+}

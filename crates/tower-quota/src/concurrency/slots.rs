@@ -1,0 +1,126 @@
+//! Taking a request's slots: its partition's limit, then the global cap's, each in FIFO order.
+//! Shared by the service (which reserves in `poll_ready` when one limit serves every request) and
+//! the response future (which takes them itself when the limit depends on the request).
+
+use super::layer::Permit;
+use super::limiter::Limiter;
+use crate::util::Acquire;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use sync_wrapper::SyncWrapper;
+
+/// Counts a request as queued at a limiter while it waits there.
+struct Queued(Arc<Limiter>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The slots one request is taking, or has taken.
+pub(crate) struct Slots {
+    limiters: [Option<Arc<Limiter>>; 2],
+    next: usize,
+    waiting: Option<(Acquire, Queued)>,
+    permit: Permit,
+    /// Demand exceeded the partition's limit: the slot was full when the request came, or it had
+    /// to queue (the signal that lets an adaptive limit grow).
+    saturated: bool,
+}
+
+impl fmt::Debug for Slots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slots")
+            .field("held", &self.next)
+            .field("waiting", &self.waiting.is_some())
+            .finish()
+    }
+}
+
+impl Slots {
+    pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
+        Self {
+            limiters,
+            next: 0,
+            waiting: None,
+            permit: Permit::new(),
+            saturated: false,
+        }
+    }
+
+    /// Takes the slots in order, queueing where one is full; ready when all are held.
+    pub(crate) fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while let Some(limiter) = self.limiters.get(self.next).and_then(Clone::clone) {
+            let permit = match self.waiting.as_mut() {
+                Some((acquire, _)) => {
+                    let p = ready!(acquire.as_mut().poll(cx));
+                    self.waiting = None;
+                    p
+                }
+                None => match limiter.semaphore().try_acquire_owned() {
+                    Ok(p) => Ok(p),
+                    Err(_) => {
+                        if self.next == 0 {
+                            self.saturated = true;
+                        }
+                        let queued = limiter.queued.fetch_add(1, Ordering::SeqCst) + 1;
+                        tracing::trace!(
+                            limit = limiter.limit(),
+                            queued,
+                            global = self.next == 1,
+                            "concurrency: waiting for a slot"
+                        );
+                        let acquire: Acquire = Box::pin(limiter.semaphore().acquire_owned());
+                        self.waiting = Some((acquire, Queued(limiter.clone())));
+                        continue;
+                    }
+                },
+            };
+            let permit = permit.expect("the crate's semaphores are never closed");
+            let reached = limiter.acquired();
+            if self.next == 0 {
+                // With lockstep completions the in-flight count dips below the limit between a
+                // release and the next acquire: a full slot on arrival counts too.
+                self.saturated |= reached;
+            }
+            self.permit.push(limiter, permit);
+            self.next += 1;
+        }
+        Poll::Ready(())
+    }
+
+    /// The partition's own limiter.
+    pub(crate) fn own(&self) -> Option<&Arc<Limiter>> {
+        self.limiters[0].as_ref()
+    }
+
+    /// Whether demand exceeded the partition's limit.
+    pub(crate) fn saturated(&self) -> bool {
+        self.saturated
+    }
+
+    /// The slots held, for the response body.
+    pub(crate) fn into_permit(self) -> Permit {
+        self.permit
+    }
+}
+
+/// The service's reservation, made in `poll_ready` (when one limit serves every request). In a
+/// [`SyncWrapper`]: a queued acquisition is `Send` but not `Sync`, and the service must stay
+/// `Sync` (axum's `BoxCloneSyncService`); a service is only ever polled through `&mut self`.
+pub(crate) type Reserved = Option<SyncWrapper<Slots>>;
+
+/// Polls a reservation to completion.
+pub(crate) fn poll_reserve(
+    reserved: &mut Reserved,
+    make: impl FnOnce() -> Slots,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    reserved
+        .get_or_insert_with(|| SyncWrapper::new(make()))
+        .get_mut()
+        .poll_acquire(cx)
+}
