@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::BoxError;
-use tower_quota::budget::{BudgetBody, Limits as BudgetLimits, TokenBudgetLayer};
-use tower_quota::concurrency::{Aimd, ConcurrencyBody, ConcurrencyHandle, ConcurrencyLimitLayer};
+use tower_quota::body::QuotaBody;
+use tower_quota::budget::{Limits as BudgetLimits, TokenBudgetLayer};
+use tower_quota::concurrency::{Aimd, ConcurrencyHandle, ConcurrencyLimitLayer};
 use tower_quota::retry::BackoffRetryLayer;
 use tower_quota::retry_after::RetryAfterLayer;
 use tower_quota_sim::{Limits, MessagesRequest, SimBody, SimConfig, Simulator, Summary};
@@ -41,7 +42,7 @@ fn stack(sim: &Simulator, budget: TokenBudgetLayer, concurrency: ConcurrencyLimi
         .service(sim.clone());
     let svc = ServiceExt::<Request<Full<Bytes>>>::and_then(
         svc,
-        |res: http::Response<BudgetBody<ConcurrencyBody<SimBody>>>| async move {
+        |res: http::Response<QuotaBody<SimBody>>| async move {
             let status = res.status();
             res.into_body().collect().await?;
             if status.is_success() {

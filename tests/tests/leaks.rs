@@ -10,19 +10,18 @@ use std::sync::Arc;
 use tokio_test::task::Spawn;
 use tower::util::Oneshot;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_quota::body::QuotaBody;
 use tower_quota::budget::{
-    Bucket, BudgetBody, BudgetStore, Cost, Limits, MemoryStore, ReservationHandle, TokenBudget,
+    Bucket, BudgetStore, Cost, Limits, MemoryStore, ReservationHandle, TokenBudget,
     TokenBudgetLayer,
 };
-use tower_quota::concurrency::{
-    ConcurrencyBody, ConcurrencyHandle, ConcurrencyLimit, ConcurrencyLimitLayer,
-};
+use tower_quota::concurrency::{ConcurrencyHandle, ConcurrencyLimit, ConcurrencyLimitLayer};
 use tower_quota::partition::PartitionKey;
 
 type Req = Request<Full<Bytes>>;
 type Mock = tower_test::mock::Mock<Req, Response<Full<Bytes>>>;
 type Svc = TokenBudget<ConcurrencyLimit<Mock>>;
-type Res = Response<BudgetBody<ConcurrencyBody<Full<Bytes>>>>;
+type Res = Response<QuotaBody<Full<Bytes>>>;
 
 const CAP: u64 = 1_000_000;
 const SLOTS: usize = 3;

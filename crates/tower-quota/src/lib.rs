@@ -101,6 +101,7 @@
 #[macro_use]
 mod macros;
 
+pub mod body;
 pub mod budget;
 pub mod builder;
 pub mod classify;

@@ -1,11 +1,7 @@
 //! Estimating what a request will cost.
 
 use super::Cost;
-use bytes::Bytes;
 use http::{Extensions, HeaderMap};
-use http_body::Body;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
 
 /// Estimates a request's [`Cost`] before it is sent. A closure
 /// `Fn(&HeaderMap, &Extensions, Option<&[u8]>) -> Cost` is an estimator too. A [`Cost`] in the
@@ -331,71 +327,9 @@ mod scan {
     }
 }
 
-/// Request bodies whose bytes the estimator can read without consuming them.
-pub trait BodyBytes {
-    /// The whole body, if it is in memory.
-    fn body_bytes(&self) -> Option<Bytes>;
-}
-
-impl BodyBytes for () {
-    fn body_bytes(&self) -> Option<Bytes> {
-        None
-    }
-}
-
-impl BodyBytes for String {
-    fn body_bytes(&self) -> Option<Bytes> {
-        Some(Bytes::copy_from_slice(self.as_bytes()))
-    }
-}
-
-impl BodyBytes for Bytes {
-    fn body_bytes(&self) -> Option<Bytes> {
-        Some(self.clone())
-    }
-}
-
-impl BodyBytes for Vec<u8> {
-    fn body_bytes(&self) -> Option<Bytes> {
-        Some(Bytes::copy_from_slice(self))
-    }
-}
-
-impl BodyBytes for &'static str {
-    fn body_bytes(&self) -> Option<Bytes> {
-        Some(Bytes::from_static(self.as_bytes()))
-    }
-}
-
-impl<D> BodyBytes for http_body_util::Empty<D> {
-    fn body_bytes(&self) -> Option<Bytes> {
-        Some(Bytes::new())
-    }
-}
-
-impl BodyBytes for http_body_util::Full<Bytes> {
-    fn body_bytes(&self) -> Option<Bytes> {
-        // `Full` yields its one frame at once: poll a clone with a no-op waker.
-        let mut copy = self.clone();
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(&mut copy).poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
-            Poll::Ready(None) => Some(Bytes::new()),
-            _ => None,
-        }
-    }
-}
-
-impl<B> BodyBytes for crate::retry::ReplayBody<B> {
-    fn body_bytes(&self) -> Option<Bytes> {
-        self.buffered()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::Full;
 
     #[test]
     fn messages_bodies() {
@@ -506,13 +440,5 @@ mod tests {
             let got = e.estimate(&HeaderMap::new(), &Extensions::new(), Some(&bytes));
             proptest::prop_assert_eq!(got, reference(&e, &bytes));
         }
-    }
-
-    #[test]
-    fn body_bytes_without_consuming() {
-        let full = Full::new(Bytes::from_static(b"abc"));
-        assert_eq!(full.body_bytes().unwrap(), "abc");
-        assert_eq!(full.body_bytes().unwrap(), "abc");
-        assert_eq!("x".to_owned().body_bytes().unwrap(), "x");
     }
 }

@@ -92,7 +92,7 @@ mod store;
 
 pub use body::BudgetBody;
 pub use error::BudgetError;
-pub use estimate::{BodyBytes, Estimate, MessagesEstimator};
+pub use estimate::{Estimate, MessagesEstimator};
 pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;

@@ -1,9 +1,9 @@
 use super::body::BudgetBody;
-use super::estimate::BodyBytes;
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
+use crate::body::InMemoryBody;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ impl<S, B, ResB> Service<Request<B>> for TokenBudget<S>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
-    B: BodyBytes,
+    B: InMemoryBody,
 {
     type Response = Response<BudgetBody<ResB>>;
     type Error = BoxError;

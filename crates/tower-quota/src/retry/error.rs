@@ -14,7 +14,7 @@ pub enum GiveUp {
     AttemptsExhausted,
     /// The retry budget shared by the layer's services had no retry left.
     BudgetEmpty,
-    /// The request body cannot be sent again (see [`TryCloneBody`](super::TryCloneBody)).
+    /// The request body cannot be sent again (see [`InMemoryBody`](crate::body::InMemoryBody)).
     NotReplayable,
     /// The server asked to wait past the cap on a hinted wait.
     HintTooLong {

@@ -4,8 +4,8 @@ use super::RetryReport;
 use super::error::{GiveUp, RetryError};
 use super::layer::Shared;
 use super::policy::{self, Attempts, Next, Pace};
-use super::replay::{TryCloneBody, try_clone_request};
 use crate::BoxError;
+use crate::body::{InMemoryBody, try_clone_request};
 use crate::hint::RetryAt;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -88,7 +88,7 @@ impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    B: TryCloneBody,
+    B: InMemoryBody,
 {
     type Output = Result<Response<ResB>, BoxError>;
 

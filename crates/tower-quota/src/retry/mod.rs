@@ -25,8 +25,9 @@
 //!   [`Deadline`]), a cap on a hinted wait (default 5 minutes), and a retry budget shared by every
 //!   clone (tower's [`TpsBudget`](tower::retry::budget::TpsBudget): 20 % of recent calls plus a
 //!   floor of 10/s) so that retries cannot multiply an outage.
-//! - Replays request bodies: cheap-clone bodies directly ([`TryCloneBody`]), others through
-//!   [`ReplayBodyLayer`]. A request whose body cannot be replayed is sent once, and the caller
+//! - Replays request bodies: in-memory bodies directly
+//!   ([`InMemoryBody`](crate::body::InMemoryBody)), others through
+//!   [`ReplayBodyLayer`](crate::body::ReplayBodyLayer). A request whose body cannot be replayed is sent once, and the caller
 //!   learns it was not retried and why.
 //! - Never drops a request silently. When it gives up, the caller gets the last response, tagged
 //!   with a [`RetryReport`] that says why, or a [`RetryError`](error::RetryError) when the last
@@ -80,13 +81,11 @@ pub mod error;
 pub mod future;
 mod layer;
 mod policy;
-pub mod replay;
 mod service;
 
 pub use backoff::{Backoff, Jitter};
 pub use error::GiveUp;
 pub use layer::{BackoffRetryLayer, RetryStats};
-pub use replay::{ReplayBody, ReplayBodyLayer, ReplayBodyService, TryCloneBody};
 pub use service::BackoffRetry;
 
 use std::time::Duration;

@@ -1,8 +1,8 @@
 use super::future::ResponseFuture;
 use super::layer::Shared;
-use super::replay::TryCloneBody;
 use super::{BackoffRetryLayer, Deadline};
 use crate::BoxError;
+use crate::body::InMemoryBody;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -43,7 +43,7 @@ impl<S, B, ResB> Service<Request<B>> for BackoffRetry<S>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
-    B: TryCloneBody,
+    B: InMemoryBody,
 {
     type Response = Response<ResB>;
     type Error = BoxError;

@@ -1,7 +1,8 @@
 use super::error::RetryError;
-use super::replay::tests::Chunks;
 use super::*;
 use crate::QuotaContext;
+use crate::body::ReplayBodyLayer;
+use crate::body::replay_tests::Chunks;
 use crate::retry_after::RetryAfterLayer;
 use crate::retry_after::error::WaitTooLong;
 use http::{Request, Response};

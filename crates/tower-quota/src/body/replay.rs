@@ -1,16 +1,6 @@
-//! Request bodies that can be sent more than once.
-//!
-//! # Why a separate buffering layer
-//!
-//! A retry needs the request again, body included. Bodies that are cheap to clone (`Full<Bytes>`,
-//! `Bytes`, `String`, `Empty`, `()`) are simply cloned: [`TryCloneBody`] says how, and the inner
-//! service keeps its own body type. Any other body (a stream, hyper's `Incoming`) must be kept as it
-//! is read; [`ReplayBodyLayer`], stacked outside [`BackoffRetryLayer`](super::BackoffRetryLayer),
-//! reads it into a buffer of at most `cap` bytes once, before the first attempt, and hands the
-//! retry layer a [`ReplayBody`]. A body larger than the cap is sent once, unbuffered (its read
-//! prefix, then the rest), and the retry layer reports that it could not retry it. Keeping the two
-//! apart leaves the cheap path free of buffering and of a body type change.
+//! Bodies read into memory once, so any body can be replayed and estimated.
 
+use super::InMemoryBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Request};
@@ -21,49 +11,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower::{Layer, Service, ServiceExt};
-
-/// A request body that may be copied for another attempt.
-pub trait TryCloneBody: Sized {
-    /// A fresh copy of the body, or `None` if this body cannot be sent again.
-    fn try_clone_body(&self) -> Option<Self>;
-}
-
-macro_rules! clone_body {
-    ($($t:ty),* $(,)?) => {$(
-        impl TryCloneBody for $t {
-            fn try_clone_body(&self) -> Option<Self> {
-                Some(self.clone())
-            }
-        }
-    )*};
-}
-
-clone_body!((), String, Bytes, Vec<u8>, &'static str, &'static [u8]);
-
-impl<D: Clone> TryCloneBody for http_body_util::Full<D> {
-    fn try_clone_body(&self) -> Option<Self> {
-        Some(self.clone())
-    }
-}
-
-impl<D> TryCloneBody for http_body_util::Empty<D> {
-    fn try_clone_body(&self) -> Option<Self> {
-        Some(http_body_util::Empty::new())
-    }
-}
-
-/// A copy of `req` for another attempt: same method, URI, version, headers and extensions, a cloned
-/// body. `None` if the body cannot be cloned.
-pub(crate) fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
-    let body = req.body().try_clone_body()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
-}
 
 /// A body read into memory so it can be replayed, or, past the cap, one that can be sent once.
 pub struct ReplayBody<B> {
@@ -155,7 +102,7 @@ impl<B> ReplayBody<B> {
     }
 }
 
-impl<B> TryCloneBody for ReplayBody<B> {
+impl<B> InMemoryBody for ReplayBody<B> {
     fn try_clone_body(&self) -> Option<Self> {
         match &self.inner {
             Inner::Buffered { data, trailers } => Some(Self {
@@ -166,6 +113,10 @@ impl<B> TryCloneBody for ReplayBody<B> {
             }),
             Inner::Tail { .. } => None,
         }
+    }
+
+    fn body_bytes(&self) -> Option<Bytes> {
+        self.buffered()
     }
 }
 
@@ -233,7 +184,7 @@ where
 }
 
 /// Buffers request bodies (up to a cap) into [`ReplayBody`] so the retry layer inside can replay
-/// them. See the [module docs](self).
+/// them and the budget can estimate them. See the [module docs](super).
 #[derive(Clone, Copy, Debug)]
 #[must_use]
 pub struct ReplayBodyLayer {
@@ -255,10 +206,10 @@ impl Default for ReplayBodyLayer {
 }
 
 impl<S> Layer<S> for ReplayBodyLayer {
-    type Service = ReplayBodyService<S>;
+    type Service = ReplayBodies<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ReplayBodyService {
+        ReplayBodies {
             inner,
             cap: self.cap,
         }
@@ -267,12 +218,12 @@ impl<S> Layer<S> for ReplayBodyLayer {
 
 /// The service [`ReplayBodyLayer`] makes.
 #[derive(Clone, Debug)]
-pub struct ReplayBodyService<S> {
+pub struct ReplayBodies<S> {
     inner: S,
     cap: usize,
 }
 
-impl<S> ReplayBodyService<S> {
+impl<S> ReplayBodies<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -284,7 +235,7 @@ impl<S> ReplayBodyService<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for ReplayBodyService<S>
+impl<S, B> Service<Request<B>> for ReplayBodies<S>
 where
     S: Service<Request<ReplayBody<B>>> + Clone + Send + 'static,
     S::Future: Send,
