@@ -38,6 +38,7 @@ fn kind(a: &Admission) -> String {
             capacity,
             ..
         } => format!("too large {bucket} {needed}/{capacity}"),
+        other => format!("{other:?}"),
     }
 }
 

@@ -46,6 +46,7 @@ use std::io;
 
 /// What a result was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Outcome {
     /// The server did the work.
     Success,
@@ -63,6 +64,7 @@ pub enum Outcome {
 
 /// How a transport failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TransportKind {
     /// The connection could not be made.
     Connect,

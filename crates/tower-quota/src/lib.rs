@@ -108,6 +108,7 @@ pub mod classify;
 pub mod clock;
 pub mod concurrency;
 pub mod context;
+pub mod error;
 pub mod hint;
 pub mod partition;
 pub mod retry;
@@ -118,6 +119,7 @@ mod wire;
 
 pub use builder::{Preset, ServiceBuilderExt};
 pub use context::QuotaContext;
+pub use error::retry_at;
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -240,12 +240,9 @@ where
                             needed,
                             capacity,
                         } => {
-                            return Poll::Ready(Err(Box::new(BudgetError::TooLarge {
-                                partition,
-                                bucket,
-                                needed,
-                                capacity,
-                            })));
+                            return Poll::Ready(Err(Box::new(BudgetError::too_large(
+                                partition, bucket, needed, capacity,
+                            ))));
                         }
                         Admission::Wait { .. } if this.turn.is_none() => {
                             // The fast path found no room: queue for the turn like everyone.
@@ -257,11 +254,9 @@ where
                             reason,
                         } => {
                             if let Some(cap) = shared.max_wait.filter(|cap| retry_in > *cap) {
-                                return Poll::Ready(Err(Box::new(BudgetError::WaitTooLong {
-                                    partition,
-                                    retry_at: Instant::now() + retry_in,
-                                    cap,
-                                })));
+                                return Poll::Ready(Err(Box::new(BudgetError::wait_too_long(
+                                    partition, retry_in, cap,
+                                ))));
                             }
                             if partition != PartitionKey::GLOBAL {
                                 *this.global_turn = None;

@@ -231,7 +231,7 @@ impl TokenBudgetLayer {
     }
 
     /// The longest a request may wait for the budget; past it, it fails fast with
-    /// [`BudgetError::WaitTooLong`](super::BudgetError::WaitTooLong). `None`: no cap.
+    /// a [`BudgetError`](super::BudgetError) whose `is_wait_too_long()` is true. `None`: no cap.
     pub fn max_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_wait = cap)
     }

@@ -20,7 +20,7 @@ pub struct StoreError(pub BoxError);
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "budget store failed: {}", self.0)
+        f.write_str("the budget store failed")
     }
 }
 
@@ -43,6 +43,7 @@ pub struct Scope {
 
 /// Why a reservation must wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WaitReason {
     /// This bucket has too little left.
     Bucket(Bucket),
@@ -86,6 +87,7 @@ impl Default for Charged {
 
 /// The answer to a reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Admission {
     /// Reserved from every bucket of every scope that exists.
     Granted {

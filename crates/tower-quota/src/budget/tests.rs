@@ -128,18 +128,10 @@ async fn an_oversized_request_fails_fast_naming_the_bucket() {
         .downcast::<BudgetError>()
         .unwrap();
     assert_eq!(t0.elapsed(), Duration::ZERO);
-    match *err {
-        BudgetError::TooLarge {
-            bucket,
-            needed,
-            capacity,
-            ..
-        } => {
-            assert_eq!(bucket, Bucket::OutputTokens);
-            assert_eq!((needed, capacity), (10_000, 8_000));
-        }
-        ref other => panic!("{other:?}"),
-    }
+    assert!(err.is_too_large(), "{err:?}");
+    assert_eq!(err.bucket(), Some(Bucket::OutputTokens));
+    assert_eq!(err.needed_and_capacity(), Some((10_000, 8_000)));
+    assert_eq!(err.retry_at(), None);
     assert!(err.to_string().contains("output tokens"), "{err}");
     assert!(err.to_string().contains("over by 2000"), "{err}");
     assert!(up.arrivals.lock().unwrap().is_empty());
@@ -391,4 +383,27 @@ async fn three_keys_each_held_to_their_own_and_a_global_cap_over_them() {
     // Over the run: 90 burst + 1.5/s.
     let span = (arrivals.last().unwrap().0 - t0).as_secs_f64();
     assert!((span - 140.0).abs() < 1.0, "{span}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_past_the_cap_fails_fast_with_retry_at() {
+    let up = Upstream::new((0, 0));
+    let svc = TokenBudgetLayer::new(Limits::new().rpm(1))
+        .max_wait(Some(Duration::from_secs(10)))
+        .layer(up.clone());
+    svc.clone().oneshot(messages("k", "hi", 10)).await.unwrap();
+    let t0 = Instant::now();
+    let err = svc.oneshot(messages("k", "hi", 10)).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let at = crate::retry_at(&*err).unwrap();
+    assert!(at >= t0 + Duration::from_secs(59) && at <= t0 + Duration::from_secs(60));
+    let err = err.downcast::<BudgetError>().unwrap();
+    assert!(err.is_wait_too_long() && !err.is_too_large());
+    let shown = err.to_string();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(
+        err.to_string(),
+        shown,
+        "the message does not read the clock"
+    );
 }

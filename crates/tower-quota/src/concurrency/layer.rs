@@ -1,5 +1,5 @@
 use super::ConcurrencyLimit;
-use super::limiter::{Aimd, Limiter, Policy};
+use super::limiter::{Aimd, LimitKind, Limiter};
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
 use std::collections::HashMap;
@@ -42,7 +42,7 @@ impl fmt::Debug for Permit {
 enum Mode {
     Shared(Arc<Limiter>),
     Partitioned {
-        policy: Policy,
+        policy: LimitKind,
         limiters: Mutex<HashMap<PartitionKey, Arc<Limiter>>>,
         max_partitions: usize,
     },
@@ -115,7 +115,7 @@ pub struct ConcurrencyLimitLayer {
 
 #[derive(Clone)]
 struct Config {
-    policy: Policy,
+    policy: LimitKind,
     per_partition: Option<usize>,
     global_cap: Option<usize>,
     ctx: QuotaContext,
@@ -137,7 +137,7 @@ impl ConcurrencyLimitLayer {
         Self {
             shared: Arc::new(Shared {
                 mode,
-                global: config.global_cap.map(|c| Limiter::new(Policy::Fixed(c))),
+                global: config.global_cap.map(|c| Limiter::new(LimitKind::Fixed(c))),
                 ctx: config.ctx.clone(),
             }),
             config,
@@ -150,7 +150,7 @@ impl ConcurrencyLimitLayer {
         Self::from_config(c)
     }
 
-    fn build(policy: Policy) -> Self {
+    fn build(policy: LimitKind) -> Self {
         Self::from_config(Config {
             policy,
             per_partition: None,
@@ -166,12 +166,12 @@ impl ConcurrencyLimitLayer {
     /// If `limit` is 0 (nothing could ever be sent).
     pub fn fixed(limit: usize) -> Self {
         assert!(limit > 0, "a concurrency limit of 0 admits nothing");
-        Self::build(Policy::Fixed(limit))
+        Self::build(LimitKind::Fixed(limit))
     }
 
     /// An adaptive AIMD limit (see [`Aimd`]; `Aimd::default()` is a good start).
     pub fn adaptive(aimd: Aimd) -> Self {
-        Self::build(Policy::Aimd(aimd))
+        Self::build(LimitKind::Aimd(aimd))
     }
 
     /// One limit per partition (API key by default) instead of one for all, each following the

@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 /// How the limit moves.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Policy {
+#[non_exhaustive]
+pub enum LimitKind {
     /// A fixed number of requests in flight.
     Fixed(usize),
     /// Additive increase, multiplicative decrease (see [`Aimd`]).
@@ -62,7 +63,7 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Limiter {
     sem: Arc<Semaphore>,
-    policy: Policy,
+    policy: LimitKind,
     state: Mutex<State>,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) queued: AtomicUsize,
@@ -74,10 +75,10 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    pub(crate) fn new(policy: Policy) -> Arc<Self> {
+    pub(crate) fn new(policy: LimitKind) -> Arc<Self> {
         let initial = match policy {
-            Policy::Fixed(n) => n,
-            Policy::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
+            LimitKind::Fixed(n) => n,
+            LimitKind::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
         };
         Arc::new(Self {
             sem: Arc::new(Semaphore::new(initial)),
@@ -99,7 +100,7 @@ impl Limiter {
 
     /// Whether the policy adapts (so outcomes and round-trip times matter).
     pub(crate) fn adapts(&self) -> bool {
-        matches!(self.policy, Policy::Aimd(_))
+        matches!(self.policy, LimitKind::Aimd(_))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -162,7 +163,9 @@ impl Limiter {
         saturated: bool,
         now: Instant,
     ) {
-        let Policy::Aimd(a) = self.policy else { return };
+        let LimitKind::Aimd(a) = self.policy else {
+            return;
+        };
         let mut s = self.lock();
         let smoothed = match s.rtt {
             None => rtt,
@@ -236,7 +239,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn aimd_grows_when_saturated_and_shrinks_on_backpressure() {
-        let l = Limiter::new(Policy::Aimd(Aimd {
+        let l = Limiter::new(LimitKind::Aimd(Aimd {
             initial: 4,
             min: 2,
             max: 6,
@@ -262,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn shrinking_while_permits_are_held_forgets_them_on_release() {
-        let l = Limiter::new(Policy::Aimd(Aimd {
+        let l = Limiter::new(LimitKind::Aimd(Aimd {
             initial: 4,
             min: 1,
             max: 4,

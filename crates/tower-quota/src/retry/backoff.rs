@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// How the random part of a delay is drawn. `d` below is `min(max, base * 2^attempt)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Jitter {
     /// `d`: no randomness (synchronised retry waves: for tests and comparisons only).
     None,

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 /// Why the retry loop stopped while the last result was still a retryable failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GiveUp {
     /// Every allowed retry of this kind was made (`max_retries` for backoff retries,
     /// `max_hinted_retries` for those that waited for the server's hint).
@@ -42,24 +43,18 @@ impl GiveUp {
 
 impl fmt::Display for GiveUp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let now = Instant::now();
-        let secs = |t: &Instant| t.saturating_duration_since(now).as_secs_f64();
         match self {
             GiveUp::AttemptsExhausted => f.write_str("every allowed retry was used"),
             GiveUp::BudgetEmpty => f.write_str("the retry budget is empty"),
             GiveUp::NotReplayable => f.write_str(
                 "the request body cannot be replayed (not cloneable, or larger than the replay buffer)",
             ),
-            GiveUp::HintTooLong { retry_at } => write!(
-                f,
-                "the server asked to wait {:.3} s, more than the cap on a hinted wait",
-                secs(retry_at)
-            ),
-            GiveUp::DeadlineExceeded { retry_at } => write!(
-                f,
-                "the next attempt ({:.3} s from now) would start after the deadline",
-                secs(retry_at)
-            ),
+            GiveUp::HintTooLong { .. } => {
+                f.write_str("the server asked to wait longer than the cap on a hinted wait")
+            }
+            GiveUp::DeadlineExceeded { .. } => {
+                f.write_str("the next attempt would start after the deadline")
+            }
         }
     }
 }
@@ -72,9 +67,30 @@ pub struct RetryError {
     pub(crate) attempts: u32,
     pub(crate) status: Option<StatusCode>,
     pub(crate) source: Option<BoxError>,
+    /// How long until `retry_at`, measured when the loop gave up (so `Display` never reads the
+    /// clock).
+    wait: Option<Duration>,
 }
 
 impl RetryError {
+    pub(crate) fn new(
+        reason: GiveUp,
+        attempts: u32,
+        status: Option<StatusCode>,
+        source: Option<BoxError>,
+    ) -> Self {
+        let wait = reason
+            .retry_at()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        Self {
+            reason,
+            attempts,
+            status,
+            source,
+            wait,
+        }
+    }
+
     /// Why it stopped.
     pub fn reason(&self) -> GiveUp {
         self.reason
@@ -113,11 +129,11 @@ impl fmt::Display for RetryError {
                 self.attempts, self.reason
             )?;
         }
+        if let Some(w) = self.wait {
+            write!(f, " (a wait of {:.3} s)", w.as_secs_f64())?;
+        }
         if let Some(s) = self.status {
             write!(f, " (last status {s})")?;
-        }
-        if let Some(e) = &self.source {
-            write!(f, " (last error: {e})")?;
         }
         Ok(())
     }

@@ -177,18 +177,15 @@ where
                                 Ok(res) if reason.retry_at().is_none() => {
                                     Ok(report(res, attempts, this.delays, Some(reason)))
                                 }
-                                Ok(res) => Err(Box::new(RetryError {
+                                Ok(res) => Err(Box::new(RetryError::new(
                                     reason,
                                     attempts,
-                                    status: Some(res.status()),
-                                    source: None,
-                                })),
-                                Err(e) => Err(Box::new(RetryError {
-                                    reason,
-                                    attempts,
-                                    status: None,
-                                    source: Some(e),
-                                })),
+                                    Some(res.status()),
+                                    None,
+                                ))),
+                                Err(e) => {
+                                    Err(Box::new(RetryError::new(reason, attempts, None, Some(e))))
+                                }
                             });
                         }
                     }

@@ -286,6 +286,14 @@ async fn a_hint_over_the_cap_fails_fast_with_retry_at() {
     assert!(matches!(err.reason(), GiveUp::HintTooLong { .. }));
     assert_eq!(err.status(), Some(http::StatusCode::TOO_MANY_REQUESTS));
     assert!(err.to_string().contains("86400.000 s"), "{err}");
+    // The message does not read the clock, nor repeat a cause.
+    let shown = err.to_string();
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(err.to_string(), shown);
+    assert_eq!(
+        crate::retry_at(&*err),
+        Some(t0 + Duration::from_secs(86_400))
+    );
     assert_eq!(script.calls().len(), 1);
 
     // No cap: it sleeps as long as the server says.
@@ -384,6 +392,9 @@ async fn giving_up_returns_the_last_response_or_a_typed_error() {
         source.downcast_ref::<io::Error>().unwrap().kind(),
         io::ErrorKind::ConnectionReset
     );
+    // The cause is `source()`'s to tell: the message does not repeat it.
+    assert!(!err.to_string().contains(&source.to_string()), "{err}");
+    assert_eq!(crate::retry_at(&*err), None);
     // Nested retry layers do not multiply: the inner give-up is final for the outer one.
     let script = Script::new([Err(io::ErrorKind::ConnectionReset)]);
     let nested = ServiceBuilder::new()

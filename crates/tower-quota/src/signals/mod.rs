@@ -98,6 +98,7 @@ impl ParseContext {
 
 /// One of the quota buckets a provider reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Bucket {
     /// Requests per window (Anthropic and OpenAI `requests`, generic and IETF request quotas).
     Requests,
