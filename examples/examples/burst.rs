@@ -207,7 +207,7 @@ async fn main() -> Result<(), BoxError> {
 
     let r = std::mem::take(&mut *record.lock().unwrap());
     let succeeded = r.ok_at.len();
-    let retries = preset.retry.stats().retries();
+    let retries = preset.retry.handle().retries();
     let mut lat = r.latencies.clone();
     lat.sort_unstable();
     let pct = |p: f64| {
@@ -337,7 +337,7 @@ impl Progress {
         start: Instant,
     ) {
         let conc = preset.concurrency.handle();
-        let cooldown = match preset.retry_after.cooldown_until(partition) {
+        let cooldown = match preset.retry_after.handle().cooldown_until(partition) {
             Some(t) => format!(
                 "cooldown {:.1} s",
                 t.saturating_duration_since(Instant::now()).as_secs_f64()

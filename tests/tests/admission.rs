@@ -311,7 +311,7 @@ async fn three_keys_with_different_limits_and_a_global_cap() {
                 .find(|(k, _)| PartitionKey::fingerprint(k.as_bytes()) == p)
                 .map(|(_, rpm)| client(*rpm))
         })
-        .global(BudgetLimits {
+        .global_cap(BudgetLimits {
             requests: Some(Limit {
                 per_minute: 1200,
                 burst: Some(20),

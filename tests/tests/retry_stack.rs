@@ -54,7 +54,12 @@ async fn fifty_tasks_send_nothing_during_a_ten_second_cooldown() {
     // 6 RPM: a full bucket of 6, then one request every 10 s, announced as `retry-after: 10`.
     let sim = Simulator::new(SimConfig::new(rpm(6)));
     let svc = ServiceBuilder::new()
-        .layer(BackoffRetryLayer::new().seed(1).max_retries(20).no_budget())
+        .layer(
+            BackoffRetryLayer::new()
+                .seed(1)
+                .max_retries(20)
+                .no_retry_budget(),
+        )
         .layer(RetryAfterLayer::new().seed(2))
         .service(sim.clone());
 
@@ -83,7 +88,12 @@ async fn every_hint_style_is_honoured_by_the_stack() {
     ] {
         let sim = Simulator::new(SimConfig::new(rpm(60)).with_retry_after(style));
         let svc = ServiceBuilder::new()
-            .layer(BackoffRetryLayer::new().seed(3).max_retries(30).no_budget())
+            .layer(
+                BackoffRetryLayer::new()
+                    .seed(3)
+                    .max_retries(30)
+                    .no_retry_budget(),
+            )
             .layer(RetryAfterLayer::new().seed(4))
             .service(sim.clone());
         let (ok, err) = burst(svc, 100, "sk-styles").await;
@@ -117,8 +127,11 @@ async fn the_gate_alone_protects_every_caller() {
 #[tokio::test(start_paused = true)]
 async fn a_retried_call_reports_its_attempts_and_the_stack_never_multiplies_them() {
     let sim = Simulator::new(SimConfig::new(rpm(1)).with_retry_after(RetryAfterStyle::Ms));
-    let retry = BackoffRetryLayer::new().seed(5).max_retries(3).no_budget();
-    let stats = retry.stats();
+    let retry = BackoffRetryLayer::new()
+        .seed(5)
+        .max_retries(3)
+        .no_retry_budget();
+    let stats = retry.handle();
     let svc = ServiceBuilder::new()
         .layer(retry)
         .layer(RetryAfterLayer::new())

@@ -148,7 +148,7 @@ async fn one_classifier_changes_the_gate() {
         let (server, _) = scripted(1, 418, &[("retry-after", "7")]);
         let gate = RetryAfterLayer::new().context(ctx);
         gate.layer(server).oneshot(request()).await.unwrap();
-        assert_eq!(gate.cooldown_until(p).is_some(), closes);
+        assert_eq!(gate.handle().cooldown_until(p).is_some(), closes);
         // Without any hint, only a rate-limited answer infers a pause.
         let (server, _) = scripted(1, 418, &[]);
         let gate = RetryAfterLayer::new().context(if closes {
@@ -157,7 +157,7 @@ async fn one_classifier_changes_the_gate() {
             QuotaContext::new()
         });
         gate.layer(server).oneshot(request()).await.unwrap();
-        assert_eq!(gate.cooldown_until(p).is_some(), closes);
+        assert_eq!(gate.handle().cooldown_until(p).is_some(), closes);
     }
 }
 
@@ -235,8 +235,16 @@ async fn a_user_classifier_cannot_make_nested_retries_multiply_attempts() {
     let ctx = QuotaContext::new().classifier(RetryEverything);
     let nested = |ctx: &QuotaContext| {
         ServiceBuilder::new()
-            .layer(BackoffRetryLayer::new().no_budget().context(ctx.clone()))
-            .layer(BackoffRetryLayer::new().no_budget().context(ctx.clone()))
+            .layer(
+                BackoffRetryLayer::new()
+                    .no_retry_budget()
+                    .context(ctx.clone()),
+            )
+            .layer(
+                BackoffRetryLayer::new()
+                    .no_retry_budget()
+                    .context(ctx.clone()),
+            )
     };
     // A response the inner loop gave up on.
     let (server, calls) = scripted(usize::MAX, 503, &[]);

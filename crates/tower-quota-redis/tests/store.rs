@@ -264,7 +264,9 @@ async fn fail_open_and_fail_closed() {
         );
     }
     let err = closed.reserve(&scopes, Cost::new(0, 0)).await.unwrap_err();
-    assert!(err.to_string().contains("fails closed"), "{err}");
+    // The cause is the source's to tell (the message does not repeat it).
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("fails closed"), "{cause}");
     let _ = WaitReason::Cooldown;
 }
 

@@ -103,11 +103,12 @@ impl Partitioner for ApiKey {
     }
 }
 
-/// One partition for everything: every request shares one gate or budget.
+/// One partition for everything: every request shares one gate or budget (a [`PartitionKey`] in
+/// the request extensions still wins).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Global;
+pub struct Single;
 
-impl Partitioner for Global {
+impl Partitioner for Single {
     fn partition(&self, _: &HeaderMap, extensions: &Extensions) -> PartitionKey {
         extensions
             .get::<PartitionKey>()
@@ -137,6 +138,6 @@ mod tests {
         let mut pinned = req("sk-ant-secret-1");
         pinned.extensions_mut().insert(PartitionKey::from_u64(7));
         assert_eq!(ApiKey.of(&pinned), PartitionKey::from_u64(7));
-        assert_eq!(Global.of(&req("x")), PartitionKey::ANONYMOUS);
+        assert_eq!(Single.of(&req("x")), PartitionKey::ANONYMOUS);
     }
 }

@@ -362,7 +362,7 @@ fn settle_answer<R>(
             let store = shared.store.clone();
             drive(async move {
                 if let Err(e) = store.learn(partition, &learned).await {
-                    tracing::warn!(error = %e, "budget: learning from headers failed");
+                    tracing::warn!(error = %e.0, "budget: learning from headers failed");
                 }
             });
         }
@@ -375,7 +375,7 @@ fn settle_answer<R>(
                 let store = shared.store.clone();
                 drive(async move {
                     if let Err(e) = store.cooldown(partition, hint.delay).await {
-                        tracing::warn!(error = %e, "budget: recording a cooldown failed");
+                        tracing::warn!(error = %e.0, "budget: recording a cooldown failed");
                     }
                 });
             }

@@ -203,7 +203,7 @@ impl TokenBudgetLayer {
     /// A cap across all partitions, on top of each partition's own limits.
     ///
     /// Builder methods start fresh shared state: configure the layer before you clone it.
-    pub fn global(self, limits: Limits) -> Self {
+    pub fn global_cap(self, limits: Limits) -> Self {
         self.with(|c| c.global = Some(limits))
     }
 

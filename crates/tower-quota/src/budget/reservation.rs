@@ -119,7 +119,7 @@ impl ReservationHandle {
             let ledger = self.0.clone();
             drive(async move {
                 if let Err(e) = ledger.store.adjust(&ledger.scopes, delta).await {
-                    tracing::warn!(error = %e, "budget: settling a reservation failed");
+                    tracing::warn!(error = %e.0, "budget: settling a reservation failed");
                 }
             });
         }

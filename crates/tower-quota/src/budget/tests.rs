@@ -364,7 +364,7 @@ async fn partitions_are_bounded() {
 async fn three_keys_each_held_to_their_own_and_a_global_cap_over_them() {
     let up = Upstream::new((0, 0));
     let svc = TokenBudgetLayer::new(Limits::new().rpm(60))
-        .global(Limits::new().rpm(90))
+        .global_cap(Limits::new().rpm(90))
         .reconcile(false)
         .layer(up.clone());
     let mut set = tokio::task::JoinSet::new();

@@ -287,7 +287,7 @@ impl ConcurrencyHandle {
 
 impl fmt::Debug for ConcurrencyHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConcurrencyLimitLayer")
+        f.debug_struct("ConcurrencyHandle")
             .field("in_flight", &self.in_flight())
             .field("queued", &self.queued())
             .field("limit", &self.limit())

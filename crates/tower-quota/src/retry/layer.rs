@@ -48,9 +48,9 @@ pub(crate) struct StatsInner {
 
 /// A cheap, read-only view of a retry layer's counters, shared by all its services.
 #[derive(Clone, Debug)]
-pub struct RetryStats(Arc<StatsInner>);
+pub struct RetryHandle(Arc<StatsInner>);
 
-impl RetryStats {
+impl RetryHandle {
     /// Calls made through the layer.
     pub fn calls(&self) -> u64 {
         self.0.calls.load(Ordering::Relaxed)
@@ -203,12 +203,12 @@ impl BackoffRetryLayer {
     }
 
     /// The retry budget (any tower [`Budget`]); shared by every clone and service of the layer.
-    pub fn budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
+    pub fn retry_budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.with(|c| c.budget = Some(Arc::new(budget)))
     }
 
     /// No retry budget: only `max_retries` and the deadline bound the retries.
-    pub fn no_budget(self) -> Self {
+    pub fn no_retry_budget(self) -> Self {
         self.with(|c| c.budget = None)
     }
 
@@ -224,8 +224,8 @@ impl BackoffRetryLayer {
     }
 
     /// The layer's counters.
-    pub fn stats(&self) -> RetryStats {
-        RetryStats(self.shared.stats.clone())
+    pub fn handle(&self) -> RetryHandle {
+        RetryHandle(self.shared.stats.clone())
     }
 }
 

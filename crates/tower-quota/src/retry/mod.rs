@@ -85,7 +85,7 @@ mod service;
 
 pub use backoff::{Backoff, Jitter};
 pub use error::GiveUp;
-pub use layer::{BackoffRetryLayer, RetryStats};
+pub use layer::{BackoffRetryLayer, RetryHandle};
 pub use service::BackoffRetry;
 
 use std::time::Duration;

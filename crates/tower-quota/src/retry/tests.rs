@@ -79,7 +79,7 @@ fn req() -> Request<String> {
 }
 
 fn layer() -> BackoffRetryLayer {
-    BackoffRetryLayer::new().seed(1).no_budget()
+    BackoffRetryLayer::new().seed(1).no_retry_budget()
 }
 
 const SEC: Duration = Duration::from_secs(1);
@@ -139,7 +139,7 @@ async fn a_thousand_simultaneous_failures_get_distinct_first_delays() {
             Ok::<_, io::Error>(Response::builder().status(code).body(()).unwrap())
         }
     });
-    let svc = BackoffRetryLayer::new().no_budget().layer(inner);
+    let svc = BackoffRetryLayer::new().no_retry_budget().layer(inner);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..1000 {
         let svc = svc.clone();
@@ -448,7 +448,7 @@ async fn deadlines_from_the_layer_and_the_request() {
 async fn the_budget_stops_a_retry_storm() {
     let script = Script::new([status(503)]);
     let retry = BackoffRetryLayer::new().seed(3);
-    let stats = retry.stats();
+    let stats = retry.handle();
     let svc = retry.layer(script.clone());
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..1000 {
@@ -588,7 +588,7 @@ async fn the_gate_holds_every_caller_of_the_partition_and_only_it() {
         .unwrap();
     assert_eq!(at.at, t0 + 10 * SEC);
     let p = crate::partition::PartitionKey::fingerprint(b"sk-test");
-    assert_eq!(gate.cooldown_until(p), Some(t0 + 10 * SEC));
+    assert_eq!(gate.handle().cooldown_until(p), Some(t0 + 10 * SEC));
     // Another key passes at once.
     let other = Request::builder()
         .header("x-api-key", "sk-other")
@@ -692,7 +692,7 @@ mod prop {
                 let script = Script::new(answers);
                 let retry = BackoffRetryLayer::new()
                     .seed(11)
-                    .no_budget()
+                    .no_retry_budget()
                     .max_retries(max_retries)
                     .max_hinted_retries(max_retries);
                 let result = if stacked {
@@ -800,7 +800,7 @@ async fn a_429_without_any_hint_closes_the_gate_for_an_inferred_doubling_cooldow
     svc.clone().oneshot(req()).await.unwrap();
     assert_eq!(script.calls()[1], t0 + Duration::from_millis(250));
     assert_eq!(
-        gate.cooldown_until(p),
+        gate.handle().cooldown_until(p),
         Some(t0 + Duration::from_millis(750))
     );
     // A success starts the estimate over.
@@ -808,7 +808,7 @@ async fn a_429_without_any_hint_closes_the_gate_for_an_inferred_doubling_cooldow
     svc.clone().oneshot(req()).await.unwrap();
     let last = script.calls()[3];
     assert_eq!(
-        gate.cooldown_until(p),
+        gate.handle().cooldown_until(p),
         Some(last + Duration::from_millis(250))
     );
     // Off: a hintless 429 closes nothing.
@@ -827,7 +827,7 @@ async fn a_seed_survives_later_builder_calls() {
         let script = Script::new([status(503), status(503), status(200)]);
         let res = BackoffRetryLayer::new()
             .seed(9)
-            .no_budget()
+            .no_retry_budget()
             .max_retries(3)
             .layer(script)
             .oneshot(req())

@@ -379,9 +379,37 @@ impl RetryAfterLayer {
         self.with(|c| c.ctx = ctx)
     }
 
+    /// A read-only view of the layer's gates.
+    pub fn handle(&self) -> RetryAfterHandle {
+        RetryAfterHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A cheap, read-only view of a [`RetryAfterLayer`]'s gates, shared by all its services.
+#[derive(Clone)]
+pub struct RetryAfterHandle {
+    shared: Arc<Shared>,
+}
+
+impl RetryAfterHandle {
     /// When the gate of `partition` opens, if it is closed now.
     pub fn cooldown_until(&self, partition: PartitionKey) -> Option<Instant> {
         self.shared.gate(partition, Instant::now())
+    }
+
+    /// Partitions with a gate now (closed, reopening, or counting 429s without a hint).
+    pub fn gates(&self) -> usize {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+}
+
+impl fmt::Debug for RetryAfterHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryAfterHandle")
+            .field("gates", &self.gates())
+            .finish()
     }
 }
 

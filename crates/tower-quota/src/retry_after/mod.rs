@@ -65,5 +65,5 @@ mod layer;
 mod service;
 
 pub use crate::hint::{RetryAt, RetrySource};
-pub use layer::RetryAfterLayer;
+pub use layer::{RetryAfterHandle, RetryAfterLayer};
 pub use service::RetryAfter;
