@@ -9,7 +9,8 @@ mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tower_quota::budget::{BudgetStore, Cost, Limits, Scope};
+use tower_quota::budget::store::{BudgetStore, Scope};
+use tower_quota::budget::{Cost, Limits};
 use tower_quota::partition::PartitionKey;
 use tower_quota_redis::RedisStore;
 

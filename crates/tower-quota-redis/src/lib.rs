@@ -59,10 +59,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower_quota::budget::{
-    Admission, Bucket, BudgetStore, Charged, Cost, Delta, Learned, Limit, Limits, MemoryStore,
-    Scope, Snapshot, StoreError, StoreFuture, WaitReason,
+use tower_quota::budget::store::{
+    Admission, BudgetStore, Charged, Delta, Learned, MemoryStore, Scope, Snapshot, StoreError,
+    StoreFuture, WaitReason,
 };
+use tower_quota::budget::{Bucket, Cost, Limit, Limits};
 use tower_quota::partition::PartitionKey;
 
 /// What the store does while Redis does not answer.

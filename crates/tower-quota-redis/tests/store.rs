@@ -5,10 +5,10 @@ mod support;
 
 use std::time::Duration;
 use support::RedisServer;
-use tower_quota::budget::{
-    Admission, Bucket, BudgetStore, Charged, Cost, Delta, Limits, MemoryStore, Scope, WaitReason,
-    conformance,
+use tower_quota::budget::store::{
+    Admission, BudgetStore, Charged, Delta, MemoryStore, Scope, WaitReason,
 };
+use tower_quota::budget::{Bucket, Cost, Limits, conformance};
 use tower_quota::partition::PartitionKey;
 use tower_quota_redis::{OnFailure, RedisStore};
 

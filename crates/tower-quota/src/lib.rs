@@ -79,16 +79,21 @@
 //!
 //! Every wait goes through `tokio::time`, so stacks run deterministically and fast under
 //! `#[tokio::test(start_paused = true)]`, against `tower-quota-sim`'s in-process `Simulator`. For
-//! governor's limiters use [`clock::TokioClock`].
+//! governor's limiters, the `governor` feature adds `clock::TokioClock`.
 //!
 //! # Feature flags
 //!
-//! None: the four layers share the signals parser, the classifier, the partitions and the
-//! request-body traits, and hand each other facts through extensions (a retry reads the gate's
-//! `RetryAt`, the budget reads the gate's and the limit's wire marks), so a build without one of
+//! None per layer: the four layers share the signals parser, the classifier, the partitions and
+//! the request-body trait, and hand each other facts through extensions (a retry reads the gate's
+//! `RetryAt`, the budget's wire mark is flipped by the layers inside it), so a build without one of
 //! them would save little (the only dependencies beyond tower, http and tokio are small:
-//! `httpdate`, `time`, `sfv`, `serde_json`, `governor`) and would multiply the combinations to
-//! test. Use the layers you need; the others cost nothing at run time.
+//! `httpdate`, `time`, `sfv`, `serde`) and would multiply the combinations to test. Use the layers
+//! you need; the others cost nothing at run time. Two optional features add what only some users
+//! need:
+//!
+//! - `conformance`: `budget::conformance`, the suite every
+//!   [`BudgetStore`](budget::BudgetStore) implementation must pass (for a store's own tests).
+//! - `governor`: `clock::TokioClock`, governor's limiters on tokio's pausable clock.
 //!
 //! # Minimum supported Rust version
 //!
@@ -105,6 +110,7 @@ pub mod body;
 pub mod budget;
 pub mod builder;
 pub mod classify;
+#[cfg(any(test, feature = "governor"))]
 pub mod clock;
 pub mod concurrency;
 pub mod context;

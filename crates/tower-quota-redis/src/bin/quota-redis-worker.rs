@@ -6,7 +6,8 @@
 //! Prints one JSON object: `{"admitted": [unix microseconds, ...], "calls": N}`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tower_quota::budget::{Admission, BudgetStore, Cost, Limit, Limits, Scope};
+use tower_quota::budget::store::{Admission, BudgetStore, Scope};
+use tower_quota::budget::{Cost, Limit, Limits};
 use tower_quota::partition::PartitionKey;
 use tower_quota_redis::RedisStore;
 

@@ -32,9 +32,10 @@
 //!    hint pauses the partition in the store. The budget converges to the server's truth, and works
 //!    with no limits configured at all.
 //!
-//! State lives behind the [`BudgetStore`] trait: [`MemoryStore`] by default, a Redis store for many
-//! processes sharing one key (crate `tower-quota-redis`). [`conformance`] holds the suite every store
-//! must pass. Partitions (API key fingerprints by default) are tracked up to a bound; idle ones are
+//! State lives behind the [`BudgetStore`] trait ([`store`] has what an implementation needs):
+//! [`MemoryStore`] by default, a Redis store for many processes sharing one key (crate
+//! `tower-quota-redis`). With the `conformance` feature, `conformance` holds the suite every
+//! store must pass. Partitions (API key fingerprints by default) are tracked up to a bound; idle ones are
 //! evicted, so a flood of distinct keys cannot grow memory without limit.
 //!
 //! # Where governor is used, and where not
@@ -46,7 +47,7 @@
 //! burst failing with its size, and FIFO waiting. So the buckets are plain continuously refilling
 //! token buckets on tokio's clock. governor serves as the reference: a test checks that for unit
 //! costs and no refunds the request bucket admits exactly what governor admits, with governor on
-//! [`TokioClock`](crate::clock::TokioClock) so both run on paused time.
+//! `clock::TokioClock` (feature `governor`) so both run on paused time.
 //!
 //! # Where it goes
 //!
@@ -81,6 +82,7 @@
 //! ```
 
 mod body;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;
 mod estimate;
@@ -88,7 +90,7 @@ pub mod future;
 mod layer;
 mod reservation;
 mod service;
-mod store;
+pub mod store;
 
 pub use body::BudgetBody;
 pub use error::BudgetError;
@@ -96,10 +98,7 @@ pub use estimate::{Estimate, MessagesEstimator};
 pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;
-pub use store::{
-    Admission, BudgetStore, Charged, Delta, Learned, MemoryStore, Scope, Snapshot, StoreError,
-    StoreFuture, WaitReason,
-};
+pub use store::{BudgetStore, MemoryStore, Snapshot, StoreError};
 
 pub use crate::signals::Bucket;
 

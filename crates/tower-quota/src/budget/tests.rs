@@ -1,4 +1,5 @@
 use super::*;
+use crate::budget::store::{Admission, Scope};
 use crate::partition::PartitionKey;
 use bytes::Bytes;
 use http::{Request, Response};
