@@ -1,6 +1,6 @@
 //! The response future of [`RetryAfter`](super::RetryAfter).
 
-use super::layer::{Meet, Shared};
+use super::gate::{Meet, Shared};
 use crate::BoxError;
 use crate::classify::Outcome;
 use crate::partition::PartitionKey;

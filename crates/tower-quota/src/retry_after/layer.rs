@@ -1,283 +1,12 @@
 use super::RetryAfter;
-use super::error::WaitTooLong;
-use crate::classify::Outcome;
+use super::gate::Shared;
 use crate::context::QuotaContext;
-use crate::hint::{RetryAt, RetrySource};
 use crate::partition::PartitionKey;
-use http::Response;
-use rand::Rng;
-use rand::rngs::SmallRng;
-use std::collections::HashMap;
 use std::fmt;
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Layer;
-
-/// Far enough to mean "not in this process's lifetime", short enough for every clock to hold.
-const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
-
-/// One partition's gate.
-#[derive(Debug)]
-struct Gate {
-    /// Closed until then.
-    until: Instant,
-    /// After a closure the gate reopens slowly, as TCP's slow start does: `window` requests (the
-    /// probes) may be out at once, doubling with each one that comes back without closing the
-    /// gate again, back to 1 when one does; fully open (0) past [`OPEN_WINDOW`]. So the waiters do
-    /// not all arrive at once into another 429 when the server has room for only a few.
-    window: u32,
-    /// Probes out.
-    probes: u32,
-    /// 429s without a hint since the last success: each doubles the inferred cooldown.
-    strikes: u32,
-    /// Wakes the requests waiting for a probe's answer.
-    notify: Arc<Notify>,
-}
-
-/// The window past which a reopening gate is fully open.
-const OPEN_WINDOW: u32 = 32;
-
-/// What a request meets at its partition's gate.
-pub(crate) enum Meet {
-    /// Closed until then.
-    Closed(Instant),
-    /// Reopening, and as many probes are out as the window allows: wait for an answer.
-    Probing(Arc<Notify>),
-    /// Pass; as the probe if `probe`.
-    Pass {
-        /// This request is one of the reopening gate's probes.
-        probe: bool,
-    },
-}
-
-pub(crate) struct Shared {
-    gates: Mutex<HashMap<PartitionKey, Gate>>,
-    /// How many gates there are (published on every unlock).
-    live: AtomicUsize,
-    pub(crate) ctx: QuotaContext,
-    pub(crate) max_wait: Option<Duration>,
-    jitter: Duration,
-    inferred: Option<Duration>,
-    rng: Mutex<SmallRng>,
-}
-
-/// The longest inferred cooldown.
-const MAX_INFERRED: Duration = Duration::from_secs(30);
-
-/// The locked gates; on unlock, their number is published to [`Shared::live`] so the common
-/// case (no gate at all) is answered without the lock.
-struct Gates<'a> {
-    map: MutexGuard<'a, HashMap<PartitionKey, Gate>>,
-    live: &'a AtomicUsize,
-}
-
-impl Deref for Gates<'_> {
-    type Target = HashMap<PartitionKey, Gate>;
-    fn deref(&self) -> &Self::Target {
-        &self.map
-    }
-}
-
-impl DerefMut for Gates<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.map
-    }
-}
-
-impl Drop for Gates<'_> {
-    fn drop(&mut self) {
-        self.live.store(self.map.len(), Ordering::SeqCst);
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> Gates<'_> {
-        Gates {
-            map: self.gates.lock().unwrap_or_else(|e| e.into_inner()),
-            live: &self.live,
-        }
-    }
-
-    /// Whether no partition has a gate (closed, reopening or counting strikes): every request
-    /// passes, and nothing needs the lock.
-    fn none(&self) -> bool {
-        self.live.load(Ordering::SeqCst) == 0
-    }
-
-    /// When the partition's gate opens, if it is closed now.
-    pub(crate) fn gate(&self, p: PartitionKey, now: Instant) -> Option<Instant> {
-        self.lock()
-            .get(&p)
-            .map(|g| g.until)
-            .filter(|&until| until > now)
-    }
-
-    /// The error for a wait until `until` past the cap, if there is a cap and it is passed.
-    pub(crate) fn too_long(
-        &self,
-        p: PartitionKey,
-        until: Instant,
-        now: Instant,
-    ) -> Option<WaitTooLong> {
-        let cap = self.max_wait?;
-        let wait = until.saturating_duration_since(now);
-        (wait > cap).then_some(WaitTooLong {
-            retry_at: until,
-            wait,
-            cap,
-            partition: p,
-        })
-    }
-
-    /// Meets the gate of `p`: closed, waiting for a probe, or pass (as a probe while the gate is
-    /// reopening and the window has room).
-    pub(crate) fn meet(&self, p: PartitionKey) -> Meet {
-        if self.none() {
-            return Meet::Pass { probe: false };
-        }
-        let mut gates = self.lock();
-        let Some(g) = gates.get_mut(&p) else {
-            return Meet::Pass { probe: false };
-        };
-        if g.until > Instant::now() {
-            Meet::Closed(g.until)
-        } else if g.window == 0 {
-            if g.strikes == 0 && g.probes == 0 {
-                // Fully open and nothing to remember: as if it never closed.
-                gates.remove(&p);
-            }
-            Meet::Pass { probe: false }
-        } else if g.probes >= g.window {
-            Meet::Probing(g.notify.clone())
-        } else {
-            g.probes += 1;
-            Meet::Pass { probe: true }
-        }
-    }
-
-    /// A probe is done: answered without closing the gate again (`reopened`: the window doubles),
-    /// or closed it again, failed or gave up (the role goes to the next waiter).
-    pub(crate) fn probe_done(&self, p: PartitionKey, reopened: bool) {
-        let mut gates = self.lock();
-        if let Some(g) = gates.get_mut(&p) {
-            g.probes = g.probes.saturating_sub(1);
-            if reopened && g.window > 0 {
-                g.window = g.window.saturating_mul(2);
-                if g.window > OPEN_WINDOW {
-                    g.window = 0;
-                }
-            }
-            g.notify.notify_waiters();
-        }
-    }
-
-    /// Counts a 429 without a hint; returns how many came before it in this run of failures.
-    fn strike(&self, p: PartitionKey, now: Instant) -> u32 {
-        let mut gates = self.lock();
-        let g = gates.entry(p).or_insert_with(|| Gate {
-            until: now,
-            window: 0,
-            probes: 0,
-            strikes: 0,
-            notify: Arc::new(Notify::new()),
-        });
-        // 429s that were in flight together count once: only one that arrives while the gate is
-        // open strikes again.
-        if g.until <= now || g.strikes == 0 {
-            g.strikes += 1;
-        }
-        g.strikes - 1
-    }
-
-    /// A request of `p` succeeded: inferred cooldowns start over.
-    pub(crate) fn succeeded(&self, p: PartitionKey) {
-        if self.none() {
-            return;
-        }
-        let mut gates = self.lock();
-        if let Some(g) = gates.get_mut(&p) {
-            g.strikes = 0;
-            if g.window == 0 && g.probes == 0 && g.until <= Instant::now() {
-                gates.remove(&p);
-            }
-        }
-    }
-
-    /// Closes the gate of `p` until `at` (or later, if it already is); returns when it opens.
-    fn close(&self, p: PartitionKey, at: Instant, now: Instant) -> Instant {
-        let mut gates = self.lock();
-        if gates.len() >= 1024 {
-            // Forget the gates that are open again, so many keys cannot grow the map for ever.
-            gates.retain(|_, g| g.until > now || g.probes > 0);
-        }
-        let g = gates.entry(p).or_insert_with(|| Gate {
-            until: at,
-            window: 1,
-            probes: 0,
-            strikes: 0,
-            notify: Arc::new(Notify::new()),
-        });
-        g.until = g.until.max(at);
-        g.window = 1;
-        g.until
-    }
-
-    /// A fresh jitter in `[0, jitter]`.
-    pub(crate) fn draw_jitter(&self) -> Duration {
-        if self.jitter.is_zero() {
-            return Duration::ZERO;
-        }
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        self.jitter.mul_f64(rng.random::<f64>())
-    }
-
-    /// Reads a response's hint; closes the gate and tags the response when there is one.
-    /// Returns what the response was, and whether it closed the gate.
-    pub(crate) fn observe<B>(&self, p: PartitionKey, res: &mut Response<B>) -> (Outcome, bool) {
-        let outcome = self.ctx.classify(res).outcome;
-        if !outcome.is_retryable_by_default() {
-            return (outcome, false);
-        }
-        let signals = self.ctx.signals(res);
-        let received = signals.received_at();
-        let (delay, source) = match signals.hint() {
-            Some(hint) => (hint.delay, RetrySource::Server(hint.source)),
-            None => match self.inferred.filter(|_| outcome == Outcome::RateLimited) {
-                // A 429 that says nothing: pause the partition for an estimate that doubles with
-                // each such 429 until a success, then reopen it slowly. Without it, every waiter
-                // would learn the server's pace one 429 at a time.
-                Some(base) => {
-                    let strikes = self.strike(p, received);
-                    let factor = 1u32.checked_shl(strikes).unwrap_or(u32::MAX);
-                    (
-                        base.saturating_mul(factor).min(MAX_INFERRED),
-                        RetrySource::Inferred,
-                    )
-                }
-                None => return (outcome, false),
-            },
-        };
-        let at = received.checked_add(delay).unwrap_or(received + FAR_FUTURE);
-        let until = self.close(p, at, received);
-        tracing::debug!(
-            partition = %p,
-            status = res.status().as_u16(),
-            delay_ms = delay.as_millis() as u64,
-            source = ?source,
-            "retry-after: gate closed"
-        );
-        res.extensions_mut().insert(RetryAt {
-            at: until,
-            source,
-            partition: p,
-        });
-        (outcome, true)
-    }
-}
 
 /// Honours the server's word: reads `Retry-After`, `retry-after-ms` and the exhausted buckets'
 /// resets, and pauses the whole partition until then. See the [module docs](super).
@@ -328,15 +57,13 @@ impl RetryAfterLayer {
 
     fn from_config(c: Config) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                gates: Mutex::new(HashMap::new()),
-                live: AtomicUsize::new(0),
-                ctx: c.ctx.clone(),
-                max_wait: c.max_wait,
-                jitter: c.jitter,
-                inferred: c.inferred,
-                rng: Mutex::new(crate::util::small_rng(c.seed)),
-            }),
+            shared: Arc::new(Shared::new(
+                c.ctx.clone(),
+                c.max_wait,
+                c.jitter,
+                c.inferred,
+                c.seed,
+            )),
             config: c,
         }
     }
@@ -401,7 +128,7 @@ impl RetryAfterHandle {
 
     /// Partitions with a gate now (closed, reopening, or counting 429s without a hint).
     pub fn gates(&self) -> usize {
-        self.shared.live.load(Ordering::SeqCst)
+        self.shared.gates()
     }
 }
 
@@ -421,16 +148,10 @@ impl Default for RetryAfterLayer {
 
 impl fmt::Debug for RetryAfterLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let closed = self
-            .shared
-            .gates
-            .lock()
-            .map(|g| g.len())
-            .unwrap_or_default();
         f.debug_struct("RetryAfterLayer")
-            .field("max_wait", &self.shared.max_wait)
-            .field("jitter", &self.shared.jitter)
-            .field("gates", &closed)
+            .field("max_wait", &self.config.max_wait)
+            .field("jitter", &self.config.jitter)
+            .field("gates", &self.shared.gates())
             .finish()
     }
 }

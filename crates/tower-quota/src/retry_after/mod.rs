@@ -61,6 +61,7 @@
 
 pub mod error;
 pub mod future;
+mod gate;
 mod layer;
 mod service;
 

@@ -1,6 +1,6 @@
 use super::RetryAfterLayer;
 use super::future::ResponseFuture;
-use super::layer::Shared;
+use super::gate::Shared;
 use crate::BoxError;
 use http::{Request, Response};
 use std::fmt;
