@@ -9,8 +9,7 @@ use tokio::time::Instant;
 
 /// How the limit moves.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum LimitKind {
+pub(crate) enum LimitKind {
     /// A fixed number of requests in flight.
     Fixed(usize),
     /// Additive increase, multiplicative decrease (see [`Aimd`]).

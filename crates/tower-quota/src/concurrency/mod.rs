@@ -65,7 +65,7 @@ mod slots;
 
 pub use body::ConcurrencyBody;
 pub use layer::{ConcurrencyHandle, ConcurrencyLimitLayer};
-pub use limiter::{Aimd, LimitKind};
+pub use limiter::Aimd;
 pub use service::ConcurrencyLimit;
 
 #[cfg(test)]
