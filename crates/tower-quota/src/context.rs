@@ -136,6 +136,17 @@ impl QuotaContext {
         key
     }
 
+    /// The partition of `req`, read from the cache if a layer above computed it, else computed
+    /// and not cached: for the innermost layer (the Retry-After gate), where no layer below would
+    /// read it and the cache would cost an allocation per request.
+    pub(crate) fn partition_here<B>(&self, req: &Request<B>) -> PartitionKey {
+        let by = identity(&self.partitioner);
+        match req.extensions().get::<Stamp>().and_then(|s| s.partition) {
+            Some((made_by, key)) if made_by == by => key,
+            _ => self.partitioner.partition(req.headers(), req.extensions()),
+        }
+    }
+
     /// The judgement of `res`. Not cached: a classifier is a pure function of the status and
     /// headers (the default one a match and at most one header lookup), cheaper than an
     /// extension insert; every layer asking the same classifier is what makes it one judgement.

@@ -6,29 +6,46 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use tokio::sync::OwnedSemaphorePermit;
 use tower::Layer;
 
-/// The slots one request holds: its partition's, and the global cap's when there is one.
+/// The slots one request takes, in order (its partition's, then the global cap's when there is
+/// one), and how many of them it holds. Each held slot is a semaphore permit forgotten when taken
+/// and given back by [`Limiter::release`] on drop, so a slot costs no permit value of its own.
 pub(crate) struct Permit {
-    held: [Option<(Arc<Limiter>, OwnedSemaphorePermit)>; 2],
+    limiters: [Option<Arc<Limiter>>; 2],
+    held: usize,
 }
 
 impl Permit {
-    pub(crate) fn new() -> Self {
-        Self { held: [None, None] }
+    pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
+        Self { limiters, held: 0 }
     }
 
-    pub(crate) fn push(&mut self, limiter: Arc<Limiter>, permit: OwnedSemaphorePermit) {
-        let slot = if self.held[0].is_none() { 0 } else { 1 };
-        self.held[slot] = Some((limiter, permit));
+    /// The next limiter to take a slot of, if any.
+    pub(crate) fn next(&self) -> Option<&Arc<Limiter>> {
+        self.limiters.get(self.held).and_then(Option::as_ref)
+    }
+
+    /// Whether the slot of the first limiter (the partition's own) is the next to take.
+    pub(crate) fn at_own(&self) -> bool {
+        self.held == 0
+    }
+
+    /// The next limiter's slot was taken (its permit forgotten).
+    pub(crate) fn took(&mut self) {
+        self.held += 1;
+    }
+
+    /// The partition's own limiter.
+    pub(crate) fn own(&self) -> Option<&Arc<Limiter>> {
+        self.limiters[0].as_ref()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for (limiter, permit) in self.held.iter_mut().filter_map(Option::take) {
-            limiter.release(permit);
+        for limiter in self.limiters[..self.held].iter().flatten() {
+            limiter.release();
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::classify::Outcome;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// How the limit moves.
@@ -128,23 +128,21 @@ impl Limiter {
     }
 
     /// Returns a permit: forgets it if the limit shrank while it was held.
-    pub(crate) fn release(&self, permit: OwnedSemaphorePermit) {
+    /// Gives back a slot whose permit was forgotten when taken: the permit returns to the
+    /// semaphore, unless the limit shrank while it was held (then it pays the debt).
+    pub(crate) fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if !self.owing.load(Ordering::SeqCst) {
-            // A debt set just now is paid by the next release instead.
-            drop(permit);
-            return;
+        // A debt set just after this check is paid by the next release instead.
+        if self.owing.load(Ordering::SeqCst) {
+            let mut s = self.lock();
+            if s.debt > 0 {
+                s.debt -= 1;
+                s.issued -= 1;
+                self.owing.store(s.debt > 0, Ordering::SeqCst);
+                return;
+            }
         }
-        let mut s = self.lock();
-        if s.debt > 0 {
-            s.debt -= 1;
-            s.issued -= 1;
-            self.owing.store(s.debt > 0, Ordering::SeqCst);
-            permit.forget();
-        } else {
-            drop(s);
-            drop(permit);
-        }
+        self.sem.add_permits(1);
     }
 
     /// Feeds one attempt's outcome and round-trip time to the policy.
@@ -270,16 +268,14 @@ mod tests {
             max: 4,
             decrease_ratio: 0.5,
         }));
-        let held: Vec<_> = (0..4)
-            .map(|_| l.sem.clone().try_acquire_owned().unwrap())
-            .collect();
         for _ in 0..4 {
+            l.sem.clone().try_acquire_owned().unwrap().forget();
             l.acquired();
         }
         l.observe(Outcome::RateLimited, Duration::from_millis(1), false);
         assert_eq!(l.limit(), 2);
-        for p in held {
-            l.release(p);
+        for _ in 0..4 {
+            l.release();
         }
         assert_eq!(l.sem.available_permits(), 2);
         assert!(l.is_idle());

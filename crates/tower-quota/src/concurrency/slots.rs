@@ -22,10 +22,8 @@ impl Drop for Queued {
 
 /// The slots one request is taking, or has taken.
 pub(crate) struct Slots {
-    limiters: [Option<Arc<Limiter>>; 2],
-    next: usize,
-    waiting: Option<(Acquire, Queued)>,
     permit: Permit,
+    waiting: Option<(Acquire, Queued)>,
     /// Demand exceeded the partition's limit: the slot was full when the request came, or it had
     /// to queue (the signal that lets an adaptive limit grow).
     saturated: bool,
@@ -34,7 +32,6 @@ pub(crate) struct Slots {
 impl fmt::Debug for Slots {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Slots")
-            .field("held", &self.next)
             .field("waiting", &self.waiting.is_some())
             .finish()
     }
@@ -43,17 +40,16 @@ impl fmt::Debug for Slots {
 impl Slots {
     pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
         Self {
-            limiters,
-            next: 0,
+            permit: Permit::new(limiters),
             waiting: None,
-            permit: Permit::new(),
             saturated: false,
         }
     }
 
     /// Takes the slots in order, queueing where one is full; ready when all are held.
     pub(crate) fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while let Some(limiter) = self.limiters.get(self.next).and_then(Clone::clone) {
+        while let Some(limiter) = self.permit.next().cloned() {
+            let own = self.permit.at_own();
             let permit = match self.waiting.as_mut() {
                 Some((acquire, _)) => {
                     let p = ready!(acquire.as_mut().poll(cx));
@@ -63,38 +59,40 @@ impl Slots {
                 None => match limiter.semaphore().try_acquire_owned() {
                     Ok(p) => Ok(p),
                     Err(_) => {
-                        if self.next == 0 {
+                        if own {
                             self.saturated = true;
                         }
                         let queued = limiter.queued.fetch_add(1, Ordering::SeqCst) + 1;
                         tracing::trace!(
                             limit = limiter.limit(),
                             queued,
-                            global = self.next == 1,
+                            global = !own,
                             "concurrency: waiting for a slot"
                         );
                         let acquire: Acquire = Box::pin(limiter.semaphore().acquire_owned());
-                        self.waiting = Some((acquire, Queued(limiter.clone())));
+                        self.waiting = Some((acquire, Queued(limiter)));
                         continue;
                     }
                 },
             };
-            let permit = permit.expect("the crate's semaphores are never closed");
+            // The slot is held by the count in `Permit`; `Limiter::release` gives it back.
+            permit
+                .expect("the crate's semaphores are never closed")
+                .forget();
             let reached = limiter.acquired();
-            if self.next == 0 {
+            if own {
                 // With lockstep completions the in-flight count dips below the limit between a
                 // release and the next acquire: a full slot on arrival counts too.
                 self.saturated |= reached;
             }
-            self.permit.push(limiter, permit);
-            self.next += 1;
+            self.permit.took();
         }
         Poll::Ready(())
     }
 
     /// The partition's own limiter.
     pub(crate) fn own(&self) -> Option<&Arc<Limiter>> {
-        self.limiters[0].as_ref()
+        self.permit.own()
     }
 
     /// Whether demand exceeded the partition's limit.

@@ -49,9 +49,10 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         crate::wire::pending(req.extensions());
-        let partition = self.shared.ctx.partition(&mut req);
+        // Last before the wire: read the partition a layer above cached, cache nothing.
+        let partition = self.shared.ctx.partition_here(&req);
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), partition)
     }
 }
