@@ -17,8 +17,12 @@ use std::future::{Ready, ready};
 use std::time::{Duration, Instant};
 use tower::retry::Policy;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
-use tower_quota::budget::{Cost, Estimate, Limits, MessagesEstimator, TokenBudgetLayer};
+use tower_quota::budget::store::Scope;
+use tower_quota::budget::{
+    Cost, Estimate, Limits, MemoryStore, MessagesEstimator, TokenBudgetLayer,
+};
 use tower_quota::concurrency::{Aimd, ConcurrencyLimitLayer};
+use tower_quota::partition::PartitionKey;
 use tower_quota::retry::BackoffRetryLayer;
 use tower_quota::retry_after::RetryAfterLayer;
 
@@ -255,6 +259,42 @@ fn bench(c: &mut Criterion) {
         let (headers, ext) = (http::HeaderMap::new(), http::Extensions::new());
         b.iter(|| e.estimate(&headers, &ext, Some(std::hint::black_box(JSON.as_bytes()))))
     });
+    g.finish();
+
+    // A new key a call, against a store with room and against a store at its bound whose
+    // partitions are all idle (each new key forgets one): the bound must not make new keys slow.
+    let mut g = c.benchmark_group("memory_store_new_key");
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
+    let scope = |n: u64| {
+        [Scope {
+            partition: PartitionKey::fingerprint(&n.to_le_bytes()),
+            limits,
+        }]
+    };
+    // 1000 new keys a batch, on a fresh store each batch: empty, or at its bound of 10 000 with
+    // every partition idle (each new key forgets one).
+    for (name, prefill) in [("empty_x1000", 0u64), ("full_x1000", 10_000)] {
+        g.bench_function(name, |b| {
+            let _guard = rt.enter();
+            b.iter_batched(
+                || {
+                    let store = MemoryStore::new(10_000);
+                    for n in 0..prefill {
+                        // Reserve nothing: the partition is tracked, and idle at once.
+                        store.reserve_now(&scope(u64::MAX - n), Cost::default());
+                    }
+                    store
+                },
+                |store| {
+                    for n in 0..1000 {
+                        std::hint::black_box(store.reserve_now(&scope(n), Cost::new(10, 10)));
+                    }
+                    store
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

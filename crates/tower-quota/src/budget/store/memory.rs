@@ -6,7 +6,7 @@ use super::{
 };
 use crate::budget::{Bucket, Cost, Limit, Limits};
 use crate::partition::PartitionKey;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -30,13 +30,32 @@ impl Level {
     }
 
     fn at(&mut self, now: Instant) -> f64 {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        let cap = self.limit.capacity() as f64;
-        if self.level < cap {
-            self.level = (self.level + dt * self.limit.rate_per_sec()).min(cap);
+        // A caller whose clock reading is older than the last one refills nothing, and never
+        // moves the refill time back (that would count the time in between twice).
+        if now > self.last {
+            let dt = (now - self.last).as_secs_f64();
+            let cap = self.limit.capacity() as f64;
+            if self.level < cap {
+                self.level = (self.level + dt * self.limit.rate_per_sec()).min(cap);
+            }
+            self.last = now;
         }
-        self.last = now;
         self.level
+    }
+
+    /// When the bucket is full again (now, if it is).
+    fn full_at(&self) -> Option<Instant> {
+        let missing = self.limit.capacity() as f64 - self.level;
+        if missing <= 0.0 {
+            return Some(self.last);
+        }
+        let rate = self.limit.rate_per_sec();
+        if rate <= 0.0 {
+            return None; // never
+        }
+        Duration::try_from_secs_f64(missing / rate)
+            .ok()
+            .and_then(|d| self.last.checked_add(d))
     }
 
     /// Follows a changed limit, keeping what was used.
@@ -55,12 +74,17 @@ const EPSILON: f64 = 1e-6;
 /// The shortest wait reported: a wait of zero would spin.
 const MIN_WAIT: Duration = Duration::from_millis(1);
 
+/// Far enough to mean "never in this process's lifetime", short enough for every clock to hold.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
+
 #[derive(Debug)]
 struct Partition {
     levels: [Option<Level>; 4],
     learned: [Option<u64>; 4],
     cooldown_until: Option<Instant>,
-    last_used: Instant,
+    /// When the partition is indistinguishable from a fresh one (every bucket full, no cooldown):
+    /// from then on it may be forgotten. Its key in [`Partitions::idle`].
+    idle_at: Instant,
 }
 
 impl Partition {
@@ -69,8 +93,18 @@ impl Partition {
             levels: [None; 4],
             learned: [None; 4],
             cooldown_until: None,
-            last_used: now,
+            idle_at: now,
         }
+    }
+
+    /// When the partition will be idle, as its state stands now.
+    fn compute_idle_at(&self, now: Instant) -> Instant {
+        let never = now + FAR_FUTURE;
+        let mut at = self.cooldown_until.unwrap_or(now);
+        for l in self.levels.iter().flatten() {
+            at = at.max(l.full_at().unwrap_or(never).min(never));
+        }
+        at
     }
 
     fn limit(&self, limits: &Limits, b: Bucket) -> Option<Limit> {
@@ -89,22 +123,49 @@ impl Partition {
         }
         slot.as_mut()
     }
+}
 
-    fn is_idle(&mut self, now: Instant) -> bool {
-        self.cooldown_until.is_none_or(|t| t <= now)
-            && self
-                .levels
-                .iter_mut()
-                .flatten()
-                .all(|l| l.at(now) >= l.limit.capacity() as f64)
+/// The partitions, and an index of when each will be idle (the global cap's partition is never
+/// forgotten, and not indexed). The earliest entry of the index is the one to forget when the
+/// bound is reached: found in O(log n), never by a scan.
+#[derive(Debug, Default)]
+struct Partitions {
+    map: HashMap<PartitionKey, Partition>,
+    idle: BTreeSet<(Instant, PartitionKey)>,
+}
+
+impl Partitions {
+    /// Partitions that count toward the bound (all but the global cap's).
+    fn counted(&self) -> usize {
+        self.map.len() - usize::from(self.map.contains_key(&PartitionKey::GLOBAL))
+    }
+
+    /// Re-indexes `p` after its state changed at `now`.
+    fn touched(&mut self, p: PartitionKey, now: Instant) {
+        if p == PartitionKey::GLOBAL {
+            return;
+        }
+        if let Some(part) = self.map.get_mut(&p) {
+            let at = part.compute_idle_at(now);
+            if at != part.idle_at {
+                self.idle.remove(&(part.idle_at, p));
+                self.idle.insert((at, p));
+                part.idle_at = at;
+            }
+        }
     }
 }
 
 /// The in-memory [`BudgetStore`]: one process's buckets, on tokio's clock (so it runs under paused
-/// time). It tracks at most `max_partitions` partitions; beyond that, idle ones (full buckets, no
-/// cooldown) are forgotten, least recently used first.
+/// time).
+///
+/// It tracks at most `max_partitions` partitions (the global cap's aside). A partition is
+/// forgotten only once it is indistinguishable from a fresh one (every bucket full, no cooldown),
+/// so forgetting never hands a busy key a new burst. When the bound is reached and no partition is
+/// idle yet, a request of a new partition waits ([`WaitReason::StoreFull`]) until the first one
+/// will be: the store knows when that is, and a flood of new keys cannot reset a busy one.
 pub struct MemoryStore {
-    partitions: Mutex<HashMap<PartitionKey, Partition>>,
+    partitions: Mutex<Partitions>,
     max_partitions: usize,
 }
 
@@ -130,14 +191,14 @@ impl MemoryStore {
     /// A store tracking at most `max_partitions` partitions (idle ones beyond are evicted).
     pub fn new(max_partitions: usize) -> Self {
         Self {
-            partitions: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(Partitions::default()),
             max_partitions: max_partitions.max(1),
         }
     }
 
     /// Partitions tracked now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     /// Whether no partition is tracked.
@@ -145,49 +206,67 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Partition>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Partitions> {
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn make_room(&self, map: &mut HashMap<PartitionKey, Partition>, now: Instant) {
-        if map.len() < self.max_partitions {
-            return;
-        }
-        map.retain(|k, p| *k == PartitionKey::GLOBAL || !p.is_idle(now));
-        if map.len() >= self.max_partitions {
-            // Everything is busy: forget the least recently used all the same (it refills as new).
-            if let Some(oldest) = map
-                .iter()
-                .filter(|(k, _)| **k != PartitionKey::GLOBAL)
-                .min_by_key(|(_, p)| p.last_used)
-                .map(|(k, _)| *k)
-            {
-                map.remove(&oldest);
-            }
-        }
-    }
-
+    /// The partition `p`, tracked now if it is not yet. When the bound is reached, the partition
+    /// that is idle earliest is forgotten if it is idle by `now`; if none is, `Err` says how long
+    /// until one will be.
     fn entry<'m>(
         &self,
-        map: &'m mut HashMap<PartitionKey, Partition>,
+        parts: &'m mut Partitions,
         p: PartitionKey,
         now: Instant,
-    ) -> &'m mut Partition {
-        if !map.contains_key(&p) {
-            self.make_room(map, now);
+    ) -> Result<&'m mut Partition, Duration> {
+        if !parts.map.contains_key(&p) {
+            if p != PartitionKey::GLOBAL && parts.counted() >= self.max_partitions {
+                match parts.idle.first().copied() {
+                    Some((at, oldest)) if at <= now => {
+                        parts.idle.remove(&(at, oldest));
+                        parts.map.remove(&oldest);
+                    }
+                    Some((at, _)) => return Err(at - now),
+                    None => return Err(FAR_FUTURE),
+                }
+            }
+            if p != PartitionKey::GLOBAL {
+                parts.idle.insert((now, p));
+            }
         }
-        let part = map.entry(p).or_insert_with(|| Partition::new(now));
-        part.last_used = now;
-        part
+        Ok(parts.map.entry(p).or_insert_with(|| Partition::new(now)))
     }
 
     /// The synchronous reservation (the in-memory store never waits on anything).
     pub fn reserve_now(&self, scopes: &[Scope], cost: Cost) -> Admission {
+        let mut parts = self.lock();
+        // Read the clock under the lock, so the instants the buckets see never go backwards.
         let now = Instant::now();
-        let mut map = self.lock();
+        let answer = self.reserve_locked(&mut parts, scopes, cost, now);
+        for scope in scopes {
+            parts.touched(scope.partition, now);
+        }
+        answer
+    }
+
+    fn reserve_locked(
+        &self,
+        parts: &mut Partitions,
+        scopes: &[Scope],
+        cost: Cost,
+        now: Instant,
+    ) -> Admission {
+        let full = |partition, d: Duration| Admission::Wait {
+            retry_in: d.max(MIN_WAIT),
+            partition,
+            reason: WaitReason::StoreFull,
+        };
         if let [scope] = scopes {
             // One scope (no global cap): check and charge on one look-up.
-            let part = self.entry(&mut map, scope.partition, now);
+            let part = match self.entry(parts, scope.partition, now) {
+                Ok(part) => part,
+                Err(d) => return full(scope.partition, d),
+            };
             return match Self::check(part, scope, cost, now) {
                 Err(refused) => refused,
                 Ok(Some((retry_in, reason))) => Admission::Wait {
@@ -202,7 +281,10 @@ impl MemoryStore {
         }
         let mut wait: Option<(Duration, PartitionKey, WaitReason)> = None;
         for scope in scopes {
-            let part = self.entry(&mut map, scope.partition, now);
+            let part = match self.entry(parts, scope.partition, now) {
+                Ok(part) => part,
+                Err(d) => return full(scope.partition, d),
+            };
             match Self::check(part, scope, cost, now) {
                 Err(refused) => return refused,
                 Ok(Some((d, reason))) if wait.is_none_or(|(w, _, _)| d > w) => {
@@ -220,8 +302,12 @@ impl MemoryStore {
         }
         let mut charged = Charged::NONE;
         for (i, scope) in scopes.iter().enumerate() {
-            let part = self.entry(&mut map, scope.partition, now);
-            charged = Self::charge(part, scope, i, cost, now, charged);
+            match self.entry(parts, scope.partition, now) {
+                Ok(part) => charged = Self::charge(part, scope, i, cost, now, charged),
+                // Only an idle partition can have been forgotten since the check: as good as
+                // fresh, so the check holds; tracked again unless the store is full of busy ones.
+                Err(d) => return full(scope.partition, d),
+            }
         }
         Admission::Granted { charged }
     }
@@ -294,10 +380,16 @@ impl MemoryStore {
 
     /// The synchronous adjustment.
     pub fn adjust_now(&self, scopes: &[Scope], delta: Delta) {
+        let mut parts = self.lock();
         let now = Instant::now();
-        let mut map = self.lock();
         for (i, scope) in scopes.iter().enumerate() {
-            let part = self.entry(&mut map, scope.partition, now);
+            // A partition that was forgotten was full: a refund changes nothing, and an extra
+            // charge to a key the store has no room for is lost (the server's remaining counts
+            // still pull the level down when the key is seen again).
+            let Ok(part) = self.entry(&mut parts, scope.partition, now) else {
+                tracing::debug!(partition = %scope.partition, "budget: store full, adjustment dropped");
+                continue;
+            };
             for b in Bucket::ALL {
                 if !delta.only.contains(i, b) {
                     continue;
@@ -307,23 +399,29 @@ impl MemoryStore {
                     level.level = (level.at(now) - delta.of(b) as f64).min(cap);
                 }
             }
+            parts.touched(scope.partition, now);
         }
     }
 
     fn cooldown_now(&self, partition: PartitionKey, duration: Duration) {
+        let mut parts = self.lock();
         let now = Instant::now();
-        let mut map = self.lock();
-        let part = self.entry(&mut map, partition, now);
-        let until = now
-            .checked_add(duration)
-            .unwrap_or(now + Duration::from_secs(86_400 * 365));
+        let Ok(part) = self.entry(&mut parts, partition, now) else {
+            tracing::debug!(partition = %partition, "budget: store full, cooldown dropped");
+            return;
+        };
+        let until = now.checked_add(duration).unwrap_or(now + FAR_FUTURE);
         part.cooldown_until = Some(part.cooldown_until.map_or(until, |t| t.max(until)));
+        parts.touched(partition, now);
     }
 
     fn learn_now(&self, partition: PartitionKey, learned: &[Learned]) {
+        let mut parts = self.lock();
         let now = Instant::now();
-        let mut map = self.lock();
-        let part = self.entry(&mut map, partition, now);
+        let Ok(part) = self.entry(&mut parts, partition, now) else {
+            tracing::debug!(partition = %partition, "budget: store full, learned limits dropped");
+            return;
+        };
         for l in learned {
             let i = l.bucket as usize;
             if let Some(limit) = l.limit.filter(|&n| n > 0) {
@@ -342,12 +440,13 @@ impl MemoryStore {
                 part.levels[i] = Some(level);
             }
         }
+        parts.touched(partition, now);
     }
 
     fn snapshot_now(&self, partition: PartitionKey, limits: Limits) -> Option<Snapshot> {
+        let mut parts = self.lock();
         let now = Instant::now();
-        let mut map = self.lock();
-        let part = map.get_mut(&partition)?;
+        let part = parts.map.get_mut(&partition)?;
         let mut snap = Snapshot {
             cooldown: part.cooldown_until.filter(|t| *t > now).map(|t| t - now),
             ..Snapshot::default()
@@ -391,5 +490,93 @@ impl BudgetStore for MemoryStore {
         limits: Limits,
     ) -> StoreFuture<'a, Option<Snapshot>> {
         Box::pin(std::future::ready(Ok(self.snapshot_now(partition, limits))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(p: PartitionKey, rpm: u64) -> [Scope; 1] {
+        [Scope {
+            partition: p,
+            limits: Limits::new().rpm(rpm),
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refill_is_never_counted_twice_when_the_clock_is_read_out_of_order() {
+        let t0 = Instant::now();
+        let mut l = Level::full(Limit::per_minute(60), t0);
+        l.level = 0.0;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let t1 = Instant::now();
+        assert_eq!(l.at(t1), 10.0);
+        // A caller that read the clock before another took the lock comes second.
+        assert_eq!(l.at(t0 + Duration::from_secs(5)), 10.0);
+        assert_eq!(l.at(t1), 10.0, "the 5 s in between were counted twice");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_key_keeps_its_debt_under_a_flood_of_new_keys() {
+        let store = MemoryStore::new(100);
+        let busy = scope(PartitionKey::fingerprint(b"sk-busy"), 50);
+        let mut admitted = 0;
+        let mut n = 0u64;
+        // 20 s in steps of 100 ms; 200 new keys a step, twice the store's bound.
+        for _ in 0..200 {
+            if matches!(
+                store.reserve_now(&busy, Cost::new(0, 0)),
+                Admission::Granted { .. }
+            ) {
+                admitted += 1;
+            }
+            for _ in 0..200 {
+                n += 1;
+                let key = PartitionKey::fingerprint(&n.to_le_bytes());
+                let _ = store.reserve_now(&scope(key, 50), Cost::new(0, 0));
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // 50 at once, then 50 a minute: at most 50 + 50/60 x 20 = 66.7 in 20 s.
+        assert!((60..=67).contains(&admitted), "admitted {admitted}");
+        assert!(store.len() <= 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_makes_a_new_key_wait_until_a_partition_is_idle() {
+        let store = MemoryStore::new(2);
+        let key = PartitionKey::from_u64;
+        for k in [1, 3] {
+            assert!(matches!(
+                store.reserve_now(&scope(key(k), 60), Cost::new(0, 0)),
+                Admission::Granted { .. }
+            ));
+        }
+        // Both partitions owe a request, refilled in 1 s: nothing may be forgotten before then.
+        assert_eq!(
+            store.reserve_now(&scope(key(5), 60), Cost::new(0, 0)),
+            Admission::Wait {
+                retry_in: Duration::from_secs(1),
+                partition: key(5),
+                reason: WaitReason::StoreFull,
+            }
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            store.reserve_now(&scope(key(5), 60), Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        assert_eq!(store.len(), 2);
+        // The global cap's partition is never forgotten and does not count toward the bound.
+        let global = [Scope {
+            partition: PartitionKey::GLOBAL,
+            limits: Limits::new().rpm(60),
+        }];
+        assert!(matches!(
+            store.reserve_now(&global, Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        assert_eq!(store.len(), 3);
     }
 }

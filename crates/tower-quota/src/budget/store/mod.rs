@@ -52,6 +52,9 @@ pub enum WaitReason {
     Bucket(Bucket),
     /// The partition is in a cooldown the server announced.
     Cooldown,
+    /// The store tracks as many partitions as it may, none of them idle yet: a new partition
+    /// waits until one is (forgetting a busy one would hand its key a fresh burst).
+    StoreFull,
 }
 
 /// Which buckets of which scopes a reservation was charged to: bit `4 * scope + bucket` (scope as
