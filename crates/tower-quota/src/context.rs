@@ -96,7 +96,7 @@ impl QuotaContext {
     /// system clock for HTTP-dates when a response has no `Date` header.
     pub fn new() -> Self {
         Self {
-            partitioner: Arc::new(ApiKey),
+            partitioner: Arc::new(ApiKey::new()),
             classifier: Arc::new(DefaultClassifier),
             wall: Arc::new(SystemClock),
         }

@@ -9,16 +9,23 @@
 //! logged or printed. A caller can also pin a request to a partition by putting a [`PartitionKey`]
 //! in its extensions; that always wins.
 //!
-//! The fingerprint is a 64-bit FNV-1a hash: stable across processes and builds, so processes that
-//! share one key agree on its partition (the Redis store needs that), and not reversible into a
-//! high-entropy API key.
+//! The fingerprint is the first 128 bits of a SHA-256 of the key: stable across processes and
+//! builds, so processes that share one key agree on its partition (the Redis store needs that);
+//! not reversible into the key; and, since it is a cryptographic hash, a tenant choosing keys
+//! cannot aim at another tenant's partition. A deployment that serves many tenants can key it with
+//! a secret of its own ([`ApiKey::keyed`], the same secret across a fleet so Redis sharing still
+//! works): then a fingerprint that leaks (in a log, in Redis) cannot even be tested against
+//! guessed keys. The scheme of an `Authorization` header (`Bearer `) is not part of the key:
+//! `x-api-key: K` and `Authorization: Bearer K` are one key, as the server counts them.
 
-use http::{Extensions, HeaderMap, Request};
+use http::{Extensions, HeaderMap, HeaderValue, Request};
+use sha2::{Digest, Sha256};
 use std::fmt;
+use std::sync::Arc;
 
-/// The partition a request belongs to: an opaque 64-bit fingerprint.
+/// The partition a request belongs to: an opaque 128-bit fingerprint.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PartitionKey(u64);
+pub struct PartitionKey(u128);
 
 impl PartitionKey {
     /// The partition of requests that carry no key.
@@ -28,36 +35,51 @@ impl PartitionKey {
     /// key maps to it.
     pub const GLOBAL: PartitionKey = PartitionKey(2);
 
-    /// The fingerprint of `secret` (an API key or any label).
+    /// The fingerprint of `secret` (an API key or any label), unkeyed: what [`ApiKey::new`]
+    /// gives a request carrying it.
     pub fn fingerprint(secret: &[u8]) -> Self {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in secret {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        PartitionKey(h | 1) // never ANONYMOUS
+        Self::keyed_fingerprint(&[], secret)
+    }
+
+    /// The fingerprint of `secret` under a deployment's own `key` (what [`ApiKey::keyed`] gives
+    /// a request carrying it).
+    pub fn keyed_fingerprint(key: &[u8], secret: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"tower-quota partition v1\0");
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key);
+        h.update(secret);
+        let digest = h.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        PartitionKey(u128::from_le_bytes(first) | 1) // never ANONYMOUS or GLOBAL
     }
 
     /// A partition chosen by number (for a fixed mapping of your own).
-    pub const fn from_u64(n: u64) -> Self {
+    pub const fn from_u128(n: u128) -> Self {
         PartitionKey(n)
     }
 
+    /// A partition chosen by a small number.
+    pub const fn from_u64(n: u64) -> Self {
+        PartitionKey(n as u128)
+    }
+
     /// The fingerprint as a number (safe to log: it is not the key).
-    pub const fn as_u64(self) -> u64 {
+    pub const fn as_u128(self) -> u128 {
         self.0
     }
 }
 
 impl fmt::Debug for PartitionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PartitionKey({:016x})", self.0)
+        write!(f, "PartitionKey({:032x})", self.0)
     }
 }
 
 impl fmt::Display for PartitionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{:032x}", self.0)
     }
 }
 
@@ -86,20 +108,69 @@ where
 }
 
 /// The default partitioner: a [`PartitionKey`] in the request extensions if present, else the
-/// fingerprint of `x-api-key`, else of `Authorization`, else [`PartitionKey::ANONYMOUS`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ApiKey;
+/// fingerprint of the API key in `x-api-key`, else in `Authorization` (its scheme, such as
+/// `Bearer `, stripped), else [`PartitionKey::ANONYMOUS`].
+#[derive(Clone, Default)]
+pub struct ApiKey {
+    /// The deployment's own key for the fingerprints, if any.
+    key: Option<Arc<[u8]>>,
+}
+
+impl ApiKey {
+    /// Unkeyed fingerprints ([`PartitionKey::fingerprint`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fingerprints keyed by `deployment_key` ([`PartitionKey::keyed_fingerprint`]). Use the same
+    /// key in every process that shares a store.
+    pub fn keyed(deployment_key: impl AsRef<[u8]>) -> Self {
+        Self {
+            key: Some(Arc::from(deployment_key.as_ref())),
+        }
+    }
+
+    /// The partition of a request carrying `api_key`.
+    pub fn fingerprint(&self, api_key: &[u8]) -> PartitionKey {
+        match &self.key {
+            Some(k) => PartitionKey::keyed_fingerprint(k, api_key),
+            None => PartitionKey::fingerprint(api_key),
+        }
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
+}
+
+/// The key in an `x-api-key` value, or in an `Authorization` value without its scheme.
+fn api_key(v: &HeaderValue, has_scheme: bool) -> &[u8] {
+    let mut b = v.as_bytes().trim_ascii();
+    if has_scheme {
+        if let Some(i) = b.iter().position(|&c| c == b' ') {
+            b = b[i + 1..].trim_ascii();
+        }
+    }
+    b
+}
 
 impl Partitioner for ApiKey {
     fn partition(&self, h: &HeaderMap, extensions: &Extensions) -> PartitionKey {
         if let Some(k) = extensions.get::<PartitionKey>() {
             return *k;
         }
-        h.get("x-api-key")
-            .or_else(|| h.get(http::header::AUTHORIZATION))
-            .map_or(PartitionKey::ANONYMOUS, |v| {
-                PartitionKey::fingerprint(v.as_bytes())
-            })
+        let key = match h.get("x-api-key") {
+            Some(v) => api_key(v, false),
+            None => match h.get(http::header::AUTHORIZATION) {
+                Some(v) => api_key(v, true),
+                None => return PartitionKey::ANONYMOUS,
+            },
+        };
+        self.fingerprint(key)
     }
 }
 
@@ -124,20 +195,62 @@ mod tests {
     #[test]
     fn api_key_partitions_never_show_the_key() {
         let req = |k: &str| Request::builder().header("x-api-key", k).body(()).unwrap();
-        let a = ApiKey.of(&req("sk-ant-secret-1"));
-        let b = ApiKey.of(&req("sk-ant-secret-2"));
+        let a = ApiKey::new().of(&req("sk-ant-secret-1"));
+        let b = ApiKey::new().of(&req("sk-ant-secret-2"));
         assert_ne!(a, b);
-        assert_eq!(a, ApiKey.of(&req("sk-ant-secret-1")));
+        assert_eq!(a, ApiKey::new().of(&req("sk-ant-secret-1")));
         assert!(!format!("{a:?} {a}").contains("secret"));
         let bearer = Request::builder()
             .header("authorization", "Bearer sk-ant-secret-1")
             .body(())
             .unwrap();
-        assert_ne!(ApiKey.of(&bearer), PartitionKey::ANONYMOUS);
-        assert_eq!(ApiKey.of(&Request::new(())), PartitionKey::ANONYMOUS);
+        assert_ne!(ApiKey::new().of(&bearer), PartitionKey::ANONYMOUS);
+        assert_eq!(ApiKey::new().of(&Request::new(())), PartitionKey::ANONYMOUS);
         let mut pinned = req("sk-ant-secret-1");
         pinned.extensions_mut().insert(PartitionKey::from_u64(7));
-        assert_eq!(ApiKey.of(&pinned), PartitionKey::from_u64(7));
+        assert_eq!(ApiKey::new().of(&pinned), PartitionKey::from_u64(7));
         assert_eq!(Single.of(&req("x")), PartitionKey::ANONYMOUS);
+    }
+
+    #[test]
+    fn both_header_styles_are_one_key() {
+        let x = Request::builder()
+            .header("x-api-key", "sk-ant-secret-1")
+            .body(())
+            .unwrap();
+        for auth in [
+            "Bearer sk-ant-secret-1",
+            "bearer  sk-ant-secret-1 ",
+            "sk-ant-secret-1",
+        ] {
+            let a = Request::builder()
+                .header("authorization", auth)
+                .body(())
+                .unwrap();
+            if auth.contains(' ') {
+                assert_eq!(ApiKey::new().of(&a), ApiKey::new().of(&x), "{auth:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_128_bit_and_keyed_on_request() {
+        let req = Request::builder()
+            .header("x-api-key", "sk-ant-secret-1")
+            .body(())
+            .unwrap();
+        let plain = ApiKey::new().of(&req);
+        assert_eq!(plain, PartitionKey::fingerprint(b"sk-ant-secret-1"));
+        assert_ne!(plain.as_u128() >> 64, 0, "{plain}");
+        assert_eq!(plain.to_string().len(), 32);
+        let keyed = ApiKey::keyed("fleet-secret");
+        assert_ne!(keyed.of(&req), plain);
+        assert_eq!(keyed.of(&req), ApiKey::keyed("fleet-secret").of(&req));
+        assert_eq!(
+            keyed.of(&req),
+            PartitionKey::keyed_fingerprint(b"fleet-secret", b"sk-ant-secret-1")
+        );
+        assert_ne!(keyed.of(&req), ApiKey::keyed("other").of(&req));
+        assert!(!format!("{keyed:?}").contains("fleet"));
     }
 }

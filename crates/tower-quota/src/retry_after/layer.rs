@@ -99,8 +99,8 @@ impl RetryAfterLayer {
     }
 
     /// The shared context: its partitioner keys the gates, its classifier says which responses
-    /// may close one (pushed back or failed: [`Outcome::is_retryable_by_default`]) and which 429s
-    /// ([`Outcome::RateLimited`]) infer a pause, its wall clock reads HTTP-dates without a `Date`
+    /// may close one (pushed back or failed: [`Outcome::is_retryable_by_default`](crate::classify::Outcome::is_retryable_by_default)) and which 429s
+    /// ([`Outcome::RateLimited`](crate::classify::Outcome::RateLimited)) infer a pause, its wall clock reads HTTP-dates without a `Date`
     /// header. Give every layer of a stack the same one.
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
