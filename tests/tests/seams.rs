@@ -360,3 +360,99 @@ fn services_are_send_and_sync_and_their_futures_send() {
         .service(server);
     service(&stack);
 }
+
+/// Issue 10, finding 5: invalid or extreme settings never panic inside a request.
+#[tokio::test(start_paused = true)]
+async fn a_zero_rate_with_a_burst_refuses_and_never_panics() {
+    use tower_quota::budget::{BudgetError, Limit};
+    let (server, calls) = scripted(0, 200, &[]);
+    // A limit of 0 a minute refuses every request, whatever its burst: one meaning for 0.
+    let zero = Limits {
+        requests: Some(Limit {
+            per_minute: 0,
+            burst: Some(2),
+        }),
+        ..Limits::new()
+    };
+    for max_wait in [None, Some(Duration::from_secs(60))] {
+        let svc = TokenBudgetLayer::new(zero)
+            .max_wait(max_wait)
+            .layer(server.clone());
+        for _ in 0..3 {
+            let err = svc.clone().oneshot(request()).await.unwrap_err();
+            let err = err.downcast::<BudgetError>().unwrap();
+            assert!(err.is_too_large(), "{err}");
+        }
+    }
+    assert_eq!(*calls.lock().unwrap(), 0);
+}
+
+#[test]
+#[should_panic(expected = "min")]
+fn an_aimd_floor_over_its_ceiling_is_refused_when_the_layer_is_built() {
+    let _ = ConcurrencyLimitLayer::adaptive(Aimd {
+        min: 10,
+        max: 2,
+        ..Aimd::default()
+    });
+}
+
+#[test]
+#[should_panic(expected = "decrease_ratio")]
+fn an_aimd_decrease_that_grows_is_refused_when_the_layer_is_built() {
+    let _ = ConcurrencyLimitLayer::adaptive(Aimd {
+        decrease_ratio: 2.0,
+        ..Aimd::default()
+    });
+}
+
+#[test]
+#[should_panic(expected = "base")]
+fn an_absurd_backoff_is_refused_when_the_layer_is_built() {
+    let _ = BackoffRetryLayer::new().base(Duration::MAX);
+}
+
+#[test]
+#[should_panic(expected = "jitter")]
+fn an_absurd_hint_jitter_is_refused_when_the_layer_is_built() {
+    let _ = BackoffRetryLayer::new().hint_jitter(Duration::MAX);
+}
+
+#[test]
+#[should_panic(expected = "jitter")]
+fn an_absurd_gate_jitter_is_refused_when_the_layer_is_built() {
+    let _ = RetryAfterLayer::new().jitter(Duration::MAX);
+}
+
+/// Issue 10, finding 6: a server's absurd usage is clamped, never wrapped into a refund.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_usage_is_charged_not_refunded() {
+    use tower_quota::budget::Cost;
+    let body = format!(
+        r#"{{"usage":{{"input_tokens":{max},"cache_creation_input_tokens":{max},"output_tokens":{max}}}}}"#,
+        max = u64::MAX
+    );
+    let server = service_fn(move |_: Request<Full<Bytes>>| {
+        let body = body.clone();
+        async move { Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(body)))) }
+    });
+    let budget = TokenBudgetLayer::new(Limits::new().itpm(1_000_000).otpm(1_000_000));
+    let handle = budget.handle();
+    let res = budget.layer(server).oneshot(request()).await.unwrap();
+    let reservation = res.extensions().get::<ReservationHandle>().unwrap().clone();
+    res.into_body().collect().await.unwrap();
+    let settled = reservation.settled().unwrap();
+    assert!(settled.input_tokens >= reservation.estimate().input_tokens);
+    assert!(settled.output_tokens >= reservation.estimate().output_tokens);
+    assert_ne!(settled, Cost::default());
+    // The buckets went down (a debt), not up past their capacity.
+    let snap = handle
+        .snapshot(PartitionKey::fingerprint(b"sk-seams"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (level, capacity) = snap
+        .bucket(tower_quota::budget::Bucket::OutputTokens)
+        .unwrap();
+    assert!(level < capacity as f64, "{level} of {capacity}");
+}

@@ -77,9 +77,12 @@ impl Scanner {
         .into_iter()
         .flatten()
         {
-            let n = |k: &str| usage.get(k).and_then(Value::as_u64);
+            // A server's absurd counts are clamped (and logged), never wrapped.
+            let n = |k: &str| usage.get(k).and_then(Value::as_u64).map(clamp_usage);
             let input = n("input_tokens")
-                .map(|i| i + n("cache_creation_input_tokens").unwrap_or(0))
+                .map(|i| {
+                    clamp_usage(i.saturating_add(n("cache_creation_input_tokens").unwrap_or(0)))
+                })
                 .or(n("prompt_tokens"));
             if let Some(i) = input {
                 self.input = Some(self.input.map_or(i, |x| x.max(i)));
@@ -119,6 +122,22 @@ impl Scanner {
     fn complete(&self) -> bool {
         self.input.is_some() && self.output.is_some()
     }
+}
+
+/// The most tokens one response may report: 2^40 (about 10^12, far beyond any context window).
+/// A count over it is a server's bug or an attack; it is charged as this much, and logged.
+const MAX_USAGE: u64 = 1 << 40;
+
+fn clamp_usage(n: u64) -> u64 {
+    if n > MAX_USAGE {
+        tracing::warn!(
+            reported = n,
+            charged = MAX_USAGE,
+            "budget: absurd usage clamped"
+        );
+        return MAX_USAGE;
+    }
+    n
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -74,6 +74,9 @@ pin_project! {
     }
 }
 
+/// Far enough to mean "never in this process's lifetime", short enough for every clock to hold.
+const FAR_FUTURE: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
+
 /// Where a request holding in the budget is.
 #[derive(Clone, Copy, Debug)]
 enum Phase {
@@ -268,7 +271,10 @@ where
                                 wait_ms = retry_in.as_millis() as u64,
                                 "budget: waiting"
                             );
-                            *this.phase = Phase::Waiting(Instant::now() + retry_in);
+                            let now = Instant::now();
+                            *this.phase = Phase::Waiting(
+                                now.checked_add(retry_in).unwrap_or(now + FAR_FUTURE),
+                            );
                         }
                     }
                 }

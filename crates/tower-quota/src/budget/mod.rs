@@ -121,8 +121,12 @@ impl Limit {
         }
     }
 
-    /// The bucket's capacity.
+    /// The bucket's capacity. A limit of 0 a minute holds nothing, whatever its burst: 0 means
+    /// "refuse every request", in every store.
     pub fn capacity(&self) -> u64 {
+        if self.per_minute == 0 {
+            return 0;
+        }
         self.burst.unwrap_or(self.per_minute)
     }
 

@@ -186,8 +186,25 @@ impl ConcurrencyLimitLayer {
         Self::build(LimitKind::Fixed(limit))
     }
 
-    /// An adaptive AIMD limit (see [`Aimd`]; `Aimd::default()` is a good start).
+    /// An adaptive AIMD limit (see [`Aimd`]; `Aimd::default()` is a good start). `initial` is
+    /// brought within `[min, max]`, and a `min` of 0 counts as 1.
+    ///
+    /// # Panics
+    ///
+    /// If `min` is over `max`, or `decrease_ratio` is not in `(0, 1]` (the limit must never grow
+    /// on back-pressure): checked here, so no request ever meets a bad policy.
     pub fn adaptive(aimd: Aimd) -> Self {
+        assert!(
+            aimd.min <= aimd.max,
+            "Aimd: min ({}) is over max ({})",
+            aimd.min,
+            aimd.max
+        );
+        assert!(
+            aimd.decrease_ratio > 0.0 && aimd.decrease_ratio <= 1.0,
+            "Aimd: decrease_ratio must be in (0, 1], got {}",
+            aimd.decrease_ratio
+        );
         Self::build(LimitKind::Aimd(aimd))
     }
 

@@ -43,7 +43,29 @@ impl Default for Backoff {
     }
 }
 
+/// The longest a backoff's base, cap or jitter may be: an hour. A per-minute quota refills in a
+/// minute; a longer pause is a configuration mistake, refused when the layer is built rather than
+/// met in a request.
+pub(crate) const MAX_SETTING: Duration = Duration::from_secs(3600);
+
+/// Panics with a message naming `what` if `d` is over [`MAX_SETTING`].
+pub(crate) fn check_setting(what: &str, d: Duration) {
+    assert!(
+        d <= MAX_SETTING,
+        "{what} of {d:?} is over the {MAX_SETTING:?} a setting may be"
+    );
+}
+
 impl Backoff {
+    /// Panics if `base`, `max` or an additive jitter is over an hour.
+    pub(crate) fn check(&self) {
+        check_setting("backoff base", self.base);
+        check_setting("backoff max", self.max);
+        if let Jitter::Additive(j) = self.jitter {
+            check_setting("additive jitter", j);
+        }
+    }
+
     /// `min(max, base * 2^attempt)`, saturating.
     pub fn exponential(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
@@ -68,7 +90,7 @@ impl Backoff {
             Jitter::Decorrelated => {
                 let hi = previous.max(self.base).saturating_mul(3);
                 let span = hi.saturating_sub(self.base);
-                (self.base + uniform(span)).min(self.max)
+                self.base.saturating_add(uniform(span)).min(self.max)
             }
         }
     }

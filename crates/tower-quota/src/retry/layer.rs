@@ -149,10 +149,21 @@ impl BackoffRetryLayer {
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
         let mut c = self.config;
         f(&mut c);
+        c.backoff.check();
+        super::backoff::check_setting("hint jitter", c.hint_jitter);
         Self::from_config(c)
     }
 
-    /// The backoff. Builder methods start fresh shared state (budget counters, random source):
+    /// The backoff.
+    ///
+    /// # Panics
+    ///
+    /// This setter and [`base`](Self::base), [`max_delay`](Self::max_delay),
+    /// [`jitter`](Self::jitter) and [`hint_jitter`](Self::hint_jitter) panic if a duration is
+    /// over an hour: a per-minute quota refills in a minute, and a longer pause is a mistake
+    /// better refused here than met in a request.
+    ///
+    /// Builder methods start fresh shared state (budget counters, random source):
     /// configure the layer before you clone it.
     pub fn backoff(self, backoff: Backoff) -> Self {
         self.with(|c| c.backoff = backoff)

@@ -83,6 +83,7 @@ mod layer;
 mod policy;
 mod service;
 
+pub(crate) use backoff::check_setting;
 pub use backoff::{Backoff, Jitter};
 pub use error::GiveUp;
 pub use layer::{BackoffRetryLayer, RetryHandle};

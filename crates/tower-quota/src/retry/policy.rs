@@ -90,7 +90,12 @@ impl Attempts {
                     return Next::GiveUp(GiveUp::HintTooLong { retry_at: at });
                 }
                 // Never before the server's instant: jitter only adds.
-                (at.max(now) + shared.draw(shared.hint_jitter), "server")
+                let at = at.max(now);
+                (
+                    at.checked_add(shared.draw(shared.hint_jitter))
+                        .unwrap_or(at),
+                    "server",
+                )
             }
             Pace::Backoff | Pace::Inferred(_) => {
                 if self.backoffs >= shared.max_retries {
@@ -98,7 +103,8 @@ impl Attempts {
                 }
                 let d = shared.backoff_delay(self.backoffs, self.previous);
                 self.previous = d;
-                let at = now + d;
+                // Settings are at most an hour each (checked when the layer is built).
+                let at = now.checked_add(d).unwrap_or(now);
                 match pace {
                     Pace::Inferred(gate) if gate > at => (gate, "gate"),
                     _ => (at, "backoff"),

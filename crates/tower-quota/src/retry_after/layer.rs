@@ -83,7 +83,12 @@ impl RetryAfterLayer {
     }
 
     /// The largest random delay added after a gate opens (drawn per waiting request).
+    ///
+    /// # Panics
+    ///
+    /// If `max` is over an hour (a mistake better refused here than met in a request).
     pub fn jitter(self, max: Duration) -> Self {
+        crate::retry::check_setting("gate jitter", max);
         self.with(|c| c.jitter = max)
     }
 

@@ -139,7 +139,10 @@ pub struct Delta {
 impl Delta {
     /// `actual - estimate`.
     pub fn between(estimate: Cost, actual: Cost) -> Self {
-        let d = |a: u64, e: u64| a as i64 - e as i64;
+        // In i128, clamped: a huge charge stays a charge (never wraps into a refund).
+        let d = |a: u64, e: u64| {
+            (i128::from(a) - i128::from(e)).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+        };
         Self {
             requests: d(actual.requests, estimate.requests),
             input_tokens: d(actual.input_tokens, estimate.input_tokens),
@@ -157,7 +160,7 @@ impl Delta {
     pub fn of(&self, bucket: Bucket) -> i64 {
         match bucket {
             Bucket::Requests => self.requests,
-            Bucket::Tokens => self.input_tokens + self.output_tokens,
+            Bucket::Tokens => self.input_tokens.saturating_add(self.output_tokens),
             Bucket::InputTokens => self.input_tokens,
             Bucket::OutputTokens => self.output_tokens,
         }
