@@ -318,8 +318,27 @@ impl RedisStore {
     }
 }
 
-/// A limit's share for one of `workers` processes.
+/// The refusal of a cost that needs a bucket configured at 0 a minute, if any.
+fn zero_limit(scopes: &[Scope], cost: Cost) -> Option<Admission> {
+    scopes.iter().find_map(|s| {
+        Bucket::ALL.into_iter().find_map(|b| {
+            let needed = cost.of(b);
+            let zero = s.limits.get(b).is_some_and(|l| l.capacity() == 0);
+            (zero && needed > 0).then_some(Admission::TooLarge {
+                partition: s.partition,
+                bucket: b,
+                needed,
+                capacity: 0,
+            })
+        })
+    })
+}
+
+/// A limit's share for one of `workers` processes (a limit of 0 stays 0).
 fn share(l: Limit, workers: u32) -> Limit {
+    if l.capacity() == 0 {
+        return Limit::per_minute(0);
+    }
     let w = u64::from(workers.max(1));
     Limit {
         per_minute: (l.per_minute / w).max(1),
@@ -376,6 +395,11 @@ fn failed_closed() -> StoreError {
 impl BudgetStore for RedisStore {
     fn reserve<'a>(&'a self, scopes: &'a [Scope], cost: Cost) -> StoreFuture<'a, Admission> {
         Box::pin(async move {
+            // A configured limit of 0 refuses whatever the state: answered here, so the scripts
+            // (where 0 means "not configured, use the learned limit") never see it.
+            if let Some(refused) = zero_limit(scopes, cost) {
+                return Ok(refused);
+            }
             if let Some(a) = self.redis_reserve(scopes, cost).await {
                 return Ok(a);
             }

@@ -13,7 +13,7 @@
 //! ```
 
 use super::store::{Admission, BudgetStore, Delta, Learned, Scope, WaitReason};
-use super::{Bucket, Cost, Limits};
+use super::{Bucket, Cost, Limit, Limits};
 use crate::partition::PartitionKey;
 use std::time::Duration;
 
@@ -105,6 +105,39 @@ pub async fn too_large(store: &dyn BudgetStore, namespace: u64) {
         },
         "too_large"
     );
+}
+
+/// A limit of 0 refuses every request that needs its bucket, whatever its burst: one meaning for 0
+/// in every store (not "no limit").
+pub async fn zero_refuses(store: &dyn BudgetStore, namespace: u64) {
+    let p = partition(namespace, 10);
+    for limit in [
+        Limit::per_minute(0),
+        Limit {
+            per_minute: 0,
+            burst: Some(5),
+        },
+    ] {
+        let s = scope(
+            p,
+            Limits {
+                requests: Some(limit),
+                ..Limits::new()
+            },
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                reserve(store, &s, Cost::new(1, 1)).await,
+                Admission::TooLarge {
+                    partition: p,
+                    bucket: Bucket::Requests,
+                    needed: 1,
+                    capacity: 0
+                },
+                "zero_refuses: {limit:?}"
+            );
+        }
+    }
 }
 
 /// The wait reported is the time the bucket needs to refill what is missing.
@@ -334,6 +367,7 @@ pub async fn limits_change(store: &dyn BudgetStore, namespace: u64) {
 pub async fn run_all(store: &dyn BudgetStore, namespace: u64) {
     all_or_none(store, namespace).await;
     too_large(store, namespace).await;
+    zero_refuses(store, namespace).await;
     wait_time(store, namespace).await;
     adjust(store, namespace).await;
     cooldown(store, namespace).await;
