@@ -456,3 +456,51 @@ async fn an_absurd_usage_is_charged_not_refunded() {
         .unwrap();
     assert!(level < capacity as f64, "{level} of {capacity}");
 }
+
+/// Issue 10, finding 2: a server that accepts and never answers must not hold a key's queue for
+/// ever (the probe's turn is bounded), and every call ends with a typed error (the attempt timeout).
+#[tokio::test(start_paused = true)]
+async fn a_silent_server_never_blocks_its_key_and_every_call_ends() {
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    let silent = service_fn(move |_: Request<Full<Bytes>>| {
+        seen.lock().unwrap().push(Instant::now());
+        std::future::pending::<Result<Response<Full<Bytes>>, std::io::Error>>()
+    });
+    // The README's limits: the combined tokens bucket is unset, so the first request probes.
+    let preset = Preset::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+    let probe_bound = tower_quota::budget::TokenBudgetLayer::DEFAULT_MAX_PROBE;
+    let timeout = BackoffRetryLayer::DEFAULT_ATTEMPT_TIMEOUT;
+    let stack = ServiceBuilder::new().quota_stack(preset).service(silent);
+    let t0 = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let svc = stack.clone();
+        calls.spawn(async move { svc.oneshot(request()).await });
+    }
+    let mut errors = 0;
+    while let Some(r) = calls.join_next().await {
+        let err = r.unwrap().unwrap_err();
+        assert!(
+            std::error::Error::source(&*err)
+                .is_some_and(|s| s.is::<tower::timeout::error::Elapsed>()),
+            "{err}"
+        );
+        errors += 1;
+    }
+    assert_eq!(errors, 5);
+    let arrivals = arrivals.lock().unwrap().clone();
+    // The other four were not held behind the silent probe for longer than its bound.
+    let first_of_the_rest = arrivals[1];
+    assert!(
+        first_of_the_rest - t0 <= probe_bound,
+        "{:?}",
+        first_of_the_rest - t0
+    );
+    // Every call ended: its attempts, each cut at the timeout, and the backoffs between them.
+    let ended = t0.elapsed();
+    assert!(
+        ended <= probe_bound + 6 * timeout + Duration::from_secs(40),
+        "{ended:?}"
+    );
+}

@@ -111,7 +111,8 @@ pub struct Preset {
 impl Preset {
     /// The recommended stack for Anthropic's Messages API.
     ///
-    /// - Retry: 5 retries, 1 s base doubling to 60 s plus up to 1 s of jitter, a hinted wait of up
+    /// - Retry: 5 retries, 1 s base doubling to 60 s plus up to 1 s of jitter, each attempt cut
+    ///   after 10 minutes without a response (the SDKs' timeout), a hinted wait of up
     ///   to 5 minutes (Anthropic's resets run to minutes; the SDK's 60 s cap turns them into
     ///   failures), the 20 % retry budget.
     /// - Budget: `limits` per API key (`Limits::new()` to learn them all from the
@@ -122,7 +123,8 @@ impl Preset {
     /// - Retry-After: per-key gate, cap 5 minutes, up to 100 ms of jitter.
     pub fn anthropic(limits: Limits) -> Self {
         Self {
-            retry: BackoffRetryLayer::new(),
+            retry: BackoffRetryLayer::new()
+                .attempt_timeout(Some(BackoffRetryLayer::DEFAULT_ATTEMPT_TIMEOUT)),
             budget: TokenBudgetLayer::new(limits),
             concurrency: ConcurrencyLimitLayer::adaptive(Aimd::default()),
             retry_after: RetryAfterLayer::new(),
@@ -148,6 +150,7 @@ impl Preset {
     pub fn openai(limits: Limits) -> Self {
         Self {
             retry: BackoffRetryLayer::new()
+                .attempt_timeout(Some(BackoffRetryLayer::DEFAULT_ATTEMPT_TIMEOUT))
                 .base(Duration::from_millis(500))
                 .max_hint_wait(Some(Duration::from_secs(120))),
             budget: TokenBudgetLayer::new(limits),

@@ -46,6 +46,7 @@ pin_project! {
         phase: Phase,
         queued: bool,
         probe: bool,
+        probe_until: Instant,
         not_sent: Option<NotSent>,
         #[pin]
         state: State<S::Future, Request<B>>,
@@ -120,6 +121,7 @@ where
             phase: Phase::Turn { fast },
             queued: true,
             probe: false,
+            probe_until: Instant::now(),
             not_sent: None,
             state: State::Holding { req: Some(req) },
         }
@@ -159,7 +161,24 @@ where
             let req = match this.state.as_mut().project() {
                 StateProj::Holding { req } => req,
                 StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(r) => r.map_err(Into::into),
+                        Poll::Pending => {
+                            if *this.probe {
+                                // A probe holds its partition's queue for a bounded time only.
+                                let until = *this.probe_until;
+                                ready!(crate::util::sleep_until(this.sleep, until, cx));
+                                *this.probe = false;
+                                this.own.probed.store(true, Ordering::SeqCst);
+                                *this.turn = None;
+                                tracing::debug!(
+                                    partition = %this.partition,
+                                    "budget: probe unanswered, the queue moves on"
+                                );
+                            }
+                            return Poll::Pending;
+                        }
+                    };
                     return Poll::Ready(answer(
                         this.shared,
                         *this.partition,
@@ -221,7 +240,11 @@ where
                             // taught the store the limits, so the queue behind it is not admitted
                             // blind.
                             *this.probe = this.turn.is_some() && shared.probe_due(this.own);
-                            if !*this.probe {
+                            if *this.probe {
+                                let now = Instant::now();
+                                *this.probe_until =
+                                    now.checked_add(shared.max_probe).unwrap_or(now);
+                            } else {
                                 *this.turn = None;
                             }
                             let handle = ReservationHandle::new(

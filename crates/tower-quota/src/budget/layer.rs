@@ -19,6 +19,7 @@ pub(crate) struct Shared {
     pub(crate) estimator: Arc<dyn Estimate>,
     pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
+    pub(crate) max_probe: Duration,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
@@ -110,6 +111,7 @@ struct Config {
     estimator: Arc<dyn Estimate>,
     ctx: QuotaContext,
     max_wait: Option<Duration>,
+    max_probe: Duration,
     learn: bool,
     reconcile: bool,
     max_partitions: usize,
@@ -132,6 +134,12 @@ impl TokenBudgetLayer {
     /// Default cap on one wait for the budget: 5 minutes, like the Retry-After cap.
     pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(300);
 
+    /// Default bound on how long a probe holds its partition's queue: 30 s. While a limit is
+    /// neither configured nor learned, a partition's first request holds the queue until its
+    /// answer teaches the limits; a server that never answers must not hold it for ever, and 30 s
+    /// is longer than any healthy server takes to send headers for a short request.
+    pub const DEFAULT_MAX_PROBE: Duration = Duration::from_secs(30);
+
     /// A budget with `limits` for every partition (API key), an in-memory store, the
     /// [`MessagesEstimator`], learning from the server's headers on, waits capped at 5 minutes.
     /// `Limits::new()` (nothing configured) learns every limit from the server.
@@ -144,6 +152,7 @@ impl TokenBudgetLayer {
             estimator: Arc::new(MessagesEstimator::default()),
             ctx: QuotaContext::new(),
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
+            max_probe: Self::DEFAULT_MAX_PROBE,
             learn: true,
             reconcile: true,
             max_partitions: MemoryStore::DEFAULT_MAX_PARTITIONS,
@@ -160,6 +169,7 @@ impl TokenBudgetLayer {
                 estimator: config.estimator.clone(),
                 ctx: config.ctx.clone(),
                 max_wait: config.max_wait,
+                max_probe: config.max_probe,
                 learn: config.learn,
                 reconcile: config.reconcile,
                 turns: Mutex::new(HashMap::new()),
@@ -234,6 +244,14 @@ impl TokenBudgetLayer {
     /// a [`BudgetError`](super::BudgetError) whose `is_wait_too_long()` is true. `None`: no cap.
     pub fn max_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_wait = cap)
+    }
+
+    /// How long a probe (the first request of a partition while a limit is unknown) may hold its
+    /// partition's queue waiting for its answer (default
+    /// [`DEFAULT_MAX_PROBE`](Self::DEFAULT_MAX_PROBE)); past it the queue moves on without the
+    /// server's limits, as it would with a server that sends none.
+    pub fn max_probe(self, bound: Duration) -> Self {
+        self.with(|c| c.max_probe = bound)
     }
 
     /// Whether to learn limits and levels from the server's headers (default on).

@@ -30,6 +30,7 @@ pin_project! {
         shared: Arc<Shared>,
         attempts: Attempts,
         delays: Vec<Duration>,
+        timeout_at: Option<Instant>,
         sleep: Option<Pin<Box<Sleep>>>,
         #[pin]
         state: State<S::Future>,
@@ -61,6 +62,7 @@ where
             attempts: Attempts::new(&shared, deadline),
             shared,
             delays: Vec::new(),
+            timeout_at: None,
             sleep: None,
             state: State::Ready,
         }
@@ -112,10 +114,25 @@ where
                         this.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
                     let fut = this.svc.call(req);
+                    *this.timeout_at = this
+                        .shared
+                        .attempt_timeout
+                        .and_then(|t| Instant::now().checked_add(t));
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx));
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(r) => r.map_err(Into::into),
+                        Poll::Pending => match *this.timeout_at {
+                            Some(at) => {
+                                ready!(crate::util::sleep_until(this.sleep, at, cx));
+                                // Past the attempt's timeout: the attempt is dropped (cancelled)
+                                // below, as the state moves on.
+                                Err(Box::new(tower::timeout::error::Elapsed::new()) as BoxError)
+                            }
+                            None => return Poll::Pending,
+                        },
+                    };
                     let shared = &**this.shared;
                     let (next, outcome, failure) = match result {
                         Ok(mut res) => {
@@ -141,7 +158,6 @@ where
                             (next, verdict.outcome, Ok(res))
                         }
                         Err(e) => {
-                            let e: BoxError = e.into();
                             // This crate's own give-ups are final, whatever the classifier says.
                             if policy::is_final(&*e) {
                                 return Poll::Ready(Err(e));

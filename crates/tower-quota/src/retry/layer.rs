@@ -16,6 +16,7 @@ pub(crate) struct Shared {
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_hint_wait: Option<Duration>,
     pub(crate) hint_jitter: Duration,
+    pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
     pub(crate) ctx: QuotaContext,
     pub(crate) rng: Mutex<SmallRng>,
@@ -75,6 +76,7 @@ struct Config {
     deadline: Option<Duration>,
     max_hint_wait: Option<Duration>,
     hint_jitter: Duration,
+    attempt_timeout: Option<Duration>,
     budget: Option<Arc<dyn Budget + Send + Sync>>,
     ctx: QuotaContext,
     seed: Option<u64>,
@@ -107,6 +109,10 @@ impl BackoffRetryLayer {
     /// Default cap on a hinted wait: 5 minutes, the same as
     /// [`RetryAfterLayer::DEFAULT_MAX_WAIT`](crate::retry_after::RetryAfterLayer::DEFAULT_MAX_WAIT).
     pub const DEFAULT_MAX_HINT_WAIT: Duration = Duration::from_secs(300);
+    /// The per-attempt timeout the presets set: 10 minutes, the official SDKs' default. A
+    /// non-streaming Messages call answers only when the whole reply is written, which takes
+    /// minutes for a large `max_tokens`; a stream's headers come at once.
+    pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
     /// Default jitter after a hinted instant: up to 100 ms (jitter only ever adds to a hint).
     pub const DEFAULT_HINT_JITTER: Duration = Duration::from_millis(100);
 
@@ -122,6 +128,7 @@ impl BackoffRetryLayer {
             deadline: None,
             max_hint_wait: Some(Self::DEFAULT_MAX_HINT_WAIT),
             hint_jitter: Self::DEFAULT_HINT_JITTER,
+            attempt_timeout: None,
             budget: Some(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))),
             ctx: QuotaContext::new(),
             seed: None,
@@ -137,6 +144,7 @@ impl BackoffRetryLayer {
                 deadline: c.deadline,
                 max_hint_wait: c.max_hint_wait,
                 hint_jitter: c.hint_jitter,
+                attempt_timeout: c.attempt_timeout,
                 budget: c.budget.clone(),
                 ctx: c.ctx.clone(),
                 rng: Mutex::new(crate::util::small_rng(c.seed)),
@@ -206,6 +214,16 @@ impl BackoffRetryLayer {
     /// [`GiveUp::HintTooLong`](super::GiveUp::HintTooLong). `None`: no cap.
     pub fn max_hint_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_hint_wait = cap)
+    }
+
+    /// How long one attempt may wait for its response (its headers: a streaming body that stalls
+    /// later is not cut here), or `None` (the layer's default: no timeout; the presets set
+    /// [`DEFAULT_ATTEMPT_TIMEOUT`](Self::DEFAULT_ATTEMPT_TIMEOUT)). An attempt past it is dropped
+    /// (the request is cancelled) and counts as a transport timeout
+    /// ([`tower::timeout::error::Elapsed`]): retried like one, and the source of the
+    /// [`RetryError`](super::error::RetryError) when the loop gives up.
+    pub fn attempt_timeout(self, timeout: Option<Duration>) -> Self {
+        self.with(|c| c.attempt_timeout = timeout)
     }
 
     /// The largest random delay added after a hinted instant.
