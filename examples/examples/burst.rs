@@ -19,6 +19,7 @@ use clap::Parser;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -43,11 +44,11 @@ struct Args {
     /// Requests at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Server to aim at (default: a simulator started on a loopback port).
-    #[arg(long)]
+    /// Server to aim at, `http://host:port` (default: a simulator started on a loopback port).
+    #[arg(long, value_parser = parse_base_url)]
     base_url: Option<String>,
     /// API key (default: $ANTHROPIC_API_KEY, or a test key for the simulator). Never printed.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_api_key)]
     api_key: Option<String>,
     /// Model name.
     #[arg(long, default_value = "claude-sonnet-4-5")]
@@ -67,6 +68,46 @@ struct Args {
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// `--base-url`: an `http://` URL with a host (the demo's client speaks plain HTTP only).
+fn parse_base_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(s.trim_end_matches('/').to_owned()),
+        (Some("https"), _) => Err("the demo's client speaks plain HTTP only (no TLS): use an \
+                                   http:// URL, such as a local quota-sim"
+            .to_owned()),
+        _ => Err("expected http://host[:port]".to_owned()),
+    }
+}
+
+/// `--api-key`: a value a header can carry (no newline, no control character).
+fn parse_api_key(s: &str) -> Result<String, String> {
+    http::HeaderValue::from_str(s)
+        .map(|_| s.to_owned())
+        .map_err(|_| "an API key must be visible ASCII, with no newline".to_owned())
+}
+
+/// Why a request failed, in a few words (never the key).
+fn cause(outcome: &Result<(bool, u16, Bytes), BoxError>) -> String {
+    match outcome {
+        Ok((_, status, _)) => format!("answered {status}"),
+        Err(e) => {
+            // The innermost cause says most: connection refused, timeout, ...
+            let mut last: &(dyn std::error::Error + 'static) = &**e;
+            while let Some(s) = last.source() {
+                last = s;
+            }
+            let top = e.to_string();
+            let root = last.to_string();
+            if top == root {
+                top
+            } else {
+                format!("{top}: {root}")
+            }
+        }
+    }
 }
 
 /// The demo server's limits: Anthropic-like buckets, with a burst of a tenth of a minute so the
@@ -89,6 +130,8 @@ struct Record {
     limited_at: Vec<f64>,
     latencies: Vec<Duration>,
     failed: usize,
+    /// Failures by cause.
+    causes: std::collections::BTreeMap<String, usize>,
     input_tokens: u64,
     output_tokens: u64,
 }
@@ -102,6 +145,10 @@ async fn main() -> Result<(), BoxError> {
         .clone()
         .or_else(|| std::env::var("ANTHROPIC_API_KEY").ok())
         .unwrap_or_else(|| "sk-sim-demo".to_owned());
+    if let Err(e) = parse_api_key(&key) {
+        eprintln!("error: $ANTHROPIC_API_KEY: {e}");
+        std::process::exit(2);
+    }
 
     if args.compare {
         return compare(&args, &key).await;
@@ -120,14 +167,18 @@ async fn main() -> Result<(), BoxError> {
     } else {
         BudgetLimits::new()
     };
-    let preset = Preset::anthropic(limits);
+    let mut preset = Preset::anthropic(limits);
+    // Short replies (`max_tokens` is small): a minute without an answer is a dead server.
+    preset.retry = preset.retry.attempt_timeout(Some(Duration::from_secs(60)));
     let partition = PartitionKey::fingerprint(key.as_bytes());
     let start = Instant::now();
     let record = Arc::new(Mutex::new(Record::default()));
 
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.concurrency)
-        .build_http::<Full<Bytes>>();
+        .build::<_, Full<Bytes>>(connector);
     let seen = record.clone();
     let api = ServiceBuilder::new()
         .quota_stack(preset.clone())
@@ -179,13 +230,14 @@ async fn main() -> Result<(), BoxError> {
                 let outcome = async {
                     let res = api.clone().oneshot(req).await?;
                     let ok = res.status().is_success();
+                    let status = res.status().as_u16();
                     let bytes = res.into_body().collect().await?.to_bytes();
-                    Ok::<_, BoxError>((ok, bytes))
+                    Ok::<_, BoxError>((ok, status, bytes))
                 }
                 .await;
                 let mut r = record.lock().unwrap();
                 match outcome {
-                    Ok((true, bytes)) => {
+                    Ok((true, _, bytes)) => {
                         r.ok_at.push(start.elapsed().as_secs_f64());
                         r.latencies.push(t0.elapsed());
                         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -193,7 +245,10 @@ async fn main() -> Result<(), BoxError> {
                             r.output_tokens += v["usage"]["output_tokens"].as_u64().unwrap_or(0);
                         }
                     }
-                    _ => r.failed += 1,
+                    _ => {
+                        r.failed += 1;
+                        *r.causes.entry(cause(&outcome)).or_default() += 1;
+                    }
                 }
                 drop(r);
                 progress.inc();
@@ -237,6 +292,9 @@ async fn main() -> Result<(), BoxError> {
     println!("requests      {}", args.requests);
     println!("succeeded     {succeeded}");
     println!("failed        {}", args.requests - succeeded);
+    for (cause, n) in &r.causes {
+        println!("  {n:>6} x    {cause}");
+    }
     println!("429s seen     {}", r.limited_at.len());
     println!("retries       {retries}");
     println!("elapsed       {secs:.2} s");
@@ -290,9 +348,14 @@ async fn main() -> Result<(), BoxError> {
             })
         );
     }
+    let failed = args.requests - succeeded;
     drop(r);
     if let Some(server) = server {
         server.shutdown().await;
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} of {} requests failed", args.requests);
+        std::process::exit(1);
     }
     Ok(())
 }
