@@ -30,6 +30,41 @@ pub(crate) fn sleep_until(
     sleep.as_mut().poll(cx)
 }
 
+/// When to sweep a map of per-partition state for entries that may be forgotten: once it reaches
+/// `floor` entries, then each time it doubles the size it had after the last sweep. Each sweep is
+/// a scan, but the scans add up to O(1) per insertion (amortised), where sweeping at a fixed size
+/// scans the whole map for every new key once the map is full of live entries.
+#[derive(Debug)]
+pub(crate) struct Sweep {
+    floor: usize,
+    next: std::sync::atomic::AtomicUsize,
+    /// Sweeps so far (for tests).
+    pub(crate) count: std::sync::atomic::AtomicU64,
+}
+
+impl Sweep {
+    pub(crate) fn new(floor: usize) -> Self {
+        Self {
+            floor,
+            next: std::sync::atomic::AtomicUsize::new(floor),
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a map of `len` entries is due for a sweep (call under the map's lock).
+    pub(crate) fn due(&self, len: usize) -> bool {
+        len >= self.next.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A sweep left `len` entries (call under the map's lock).
+    pub(crate) fn swept(&self, len: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.next
+            .store(self.floor.max(len.saturating_mul(2)), Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
 /// A queued wait for a semaphore permit.
 pub(crate) type Acquire =
     Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;

@@ -23,9 +23,10 @@ pub(crate) struct Shared {
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
+    /// When to forget idle queues.
+    sweep: crate::util::Sweep,
     /// The global cap's FIFO turn, when there is a cap.
     pub(crate) global_turn: Option<Arc<Semaphore>>,
-    max_partitions: usize,
     pub(crate) queued: AtomicUsize,
     pub(crate) waits: AtomicU64,
     pub(crate) admitted: AtomicU64,
@@ -85,12 +86,14 @@ impl Shared {
         if let Some(q) = map.get(&p) {
             return q.clone();
         }
-        if map.len() >= self.max_partitions {
+        if self.sweep.due(map.len()) {
+            // Forget the queues nobody holds or waits in (amortised O(1) a new partition).
             map.retain(|_, q| {
                 Arc::strong_count(q) > 1
                     || Arc::strong_count(&q.queue) > 1
                     || q.queue.available_permits() == 0
             });
+            self.sweep.swept(map.len());
         }
         let q = Arc::new(Queue {
             queue: Arc::new(Semaphore::new(1)),
@@ -173,8 +176,8 @@ impl TokenBudgetLayer {
                 learn: config.learn,
                 reconcile: config.reconcile,
                 turns: Mutex::new(HashMap::new()),
+                sweep: crate::util::Sweep::new(config.max_partitions),
                 global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
-                max_partitions: config.max_partitions,
                 queued: AtomicUsize::new(0),
                 waits: AtomicU64::new(0),
                 admitted: AtomicU64::new(0),

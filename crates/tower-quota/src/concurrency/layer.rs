@@ -61,7 +61,8 @@ enum Mode {
     Partitioned {
         policy: LimitKind,
         limiters: Mutex<HashMap<PartitionKey, Arc<Limiter>>>,
-        max_partitions: usize,
+        /// When to forget the limiters that are as good as new.
+        sweep: crate::util::Sweep,
     },
 }
 
@@ -84,11 +85,15 @@ impl Shared {
             Mode::Partitioned {
                 policy,
                 limiters,
-                max_partitions,
+                sweep,
             } => {
                 let mut map = limiters.lock().unwrap_or_else(|e| e.into_inner());
-                if !map.contains_key(&p) && map.len() >= *max_partitions {
-                    map.retain(|_, l| Arc::strong_count(l) > 1 || !l.is_idle());
+                if !map.contains_key(&p) && sweep.due(map.len()) {
+                    // Forget only limiters indistinguishable from new ones (nothing in flight or
+                    // queued, the limit back at its start): an adaptive limit that learned to
+                    // back off keeps what it learned. Amortised O(1) a new partition.
+                    map.retain(|_, l| Arc::strong_count(l) > 1 || !l.is_fresh());
+                    sweep.swept(map.len());
                 }
                 map.entry(p)
                     .or_insert_with(|| Limiter::new(*policy))
@@ -148,7 +153,7 @@ impl ConcurrencyLimitLayer {
             Some(max_partitions) => Mode::Partitioned {
                 policy: config.policy,
                 limiters: Mutex::new(HashMap::new()),
-                max_partitions,
+                sweep: crate::util::Sweep::new(max_partitions),
             },
         };
         Self {

@@ -111,9 +111,16 @@ impl Limiter {
         self.whole.load(Ordering::SeqCst)
     }
 
-    /// Whether nothing is held or waiting (the limiter may be forgotten).
-    pub(crate) fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) == 0 && self.queued.load(Ordering::SeqCst) == 0
+    /// Whether the limiter is as good as a new one: nothing held or waiting, and its limit back
+    /// where it starts (so forgetting it forgets nothing it learned).
+    pub(crate) fn is_fresh(&self) -> bool {
+        let initial = match self.policy {
+            LimitKind::Fixed(n) => n,
+            LimitKind::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
+        };
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.queued.load(Ordering::SeqCst) == 0
+            && self.limit() == initial
     }
 
     pub(crate) fn semaphore(&self) -> Arc<Semaphore> {
@@ -278,6 +285,7 @@ mod tests {
             l.release();
         }
         assert_eq!(l.sem.available_permits(), 2);
-        assert!(l.is_idle());
+        // Idle, but it learned to back off: not as good as new, so never forgotten.
+        assert!(!l.is_fresh());
     }
 }

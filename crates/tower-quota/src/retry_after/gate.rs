@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     gates: Mutex<HashMap<PartitionKey, Gate>>,
     /// How many gates there are (published on every unlock).
     live: AtomicUsize,
+    /// When to forget the gates that are open again.
+    pub(crate) sweep: crate::util::Sweep,
     pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
     jitter: Duration,
@@ -105,6 +107,7 @@ impl Shared {
         Self {
             gates: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            sweep: crate::util::Sweep::new(1024),
             ctx,
             max_wait,
             jitter,
@@ -198,9 +201,19 @@ impl Shared {
         }
     }
 
+    /// Forgets the gates that are open again and hold no probe, when the map is due (so many keys
+    /// cannot grow it for ever, and a flood of new gates costs O(1) each, amortised).
+    fn sweep(&self, gates: &mut Gates<'_>, now: Instant) {
+        if self.sweep.due(gates.len()) {
+            gates.retain(|_, g| g.until > now || g.probes > 0);
+            self.sweep.swept(gates.len());
+        }
+    }
+
     /// Counts a 429 without a hint; returns how many came before it in this run of failures.
     fn strike(&self, p: PartitionKey, now: Instant) -> u32 {
         let mut gates = self.lock();
+        self.sweep(&mut gates, now);
         let g = gates.entry(p).or_insert_with(|| Gate {
             until: now,
             window: 0,
@@ -233,10 +246,7 @@ impl Shared {
     /// Closes the gate of `p` until `at` (or later, if it already is); returns when it opens.
     fn close(&self, p: PartitionKey, at: Instant, now: Instant) -> Instant {
         let mut gates = self.lock();
-        if gates.len() >= 1024 {
-            // Forget the gates that are open again, so many keys cannot grow the map for ever.
-            gates.retain(|_, g| g.until > now || g.probes > 0);
-        }
+        self.sweep(&mut gates, now);
         let g = gates.entry(p).or_insert_with(|| Gate {
             until: at,
             window: 1,
@@ -299,5 +309,41 @@ impl Shared {
             partition: p,
         });
         (outcome, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn shared() -> Shared {
+        Shared::new(QuotaContext::new(), None, Duration::ZERO, None, Some(1))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_new_gates_sweeps_the_map_a_logarithmic_number_of_times() {
+        let s = shared();
+        let now = Instant::now();
+        let at = now + Duration::from_secs(3600);
+        for n in 0..20_000u64 {
+            s.close(PartitionKey::fingerprint(&n.to_le_bytes()), at, now);
+        }
+        assert_eq!(s.gates(), 20_000);
+        // Sweeping at a fixed size scanned every closed gate for each new one (19 000 scans of up
+        // to 20 000 gates); doubling, it is a handful.
+        let sweeps = s.sweep.count.load(Relaxed);
+        assert!(sweeps <= 6, "{sweeps} sweeps");
+        // Gates open again are forgotten at the next sweep.
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        let later = Instant::now();
+        for n in 0..40_000u64 {
+            s.close(
+                PartitionKey::fingerprint(&(n + 1_000_000).to_le_bytes()),
+                later + Duration::from_secs(1),
+                later,
+            );
+        }
+        assert!(s.gates() <= 40_000 + 1, "{}", s.gates());
     }
 }
