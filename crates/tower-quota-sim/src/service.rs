@@ -13,6 +13,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -185,6 +186,7 @@ impl Simulator {
                 return Ok(self.json(StatusCode::OK, &body, HeaderMap::new()));
             }
             (&Method::POST, "/v1/messages") => {}
+            (&Method::POST, "/v1/messages/count_tokens") => return self.count_tokens(req).await,
             _ => {
                 let d = self.record_only(arrival, None, AuditOutcome::NotFound);
                 return self.finish(d).await;
@@ -200,6 +202,44 @@ impl Simulator {
         let parsed = serde_json::from_slice::<MessagesRequest>(&bytes);
         let decision = self.decide(arrival, key, parsed);
         self.finish(decision).await
+    }
+
+    /// `POST /v1/messages/count_tokens`: the input tokens the Messages endpoint would count for
+    /// the same body (`max_tokens` may be left out). Not rate limited and not audited: the real
+    /// API counts tokens under limits of its own, apart from the Messages buckets.
+    async fn count_tokens<B>(self, req: Request<B>) -> Result<Response<SimBody>, BoxError>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        if api_key(req.headers()).is_none() {
+            let body = api::error_body("authentication_error", "x-api-key header is required");
+            return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
+        }
+        let bytes = req
+            .into_body()
+            .collect()
+            .await
+            .map_err(Into::into)?
+            .to_bytes();
+        let parsed = serde_json::from_slice::<Value>(&bytes).and_then(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.entry("max_tokens").or_insert(Value::from(0));
+            }
+            serde_json::from_value::<MessagesRequest>(v)
+        });
+        Ok(match parsed {
+            Ok(r) => self.json(
+                StatusCode::OK,
+                &serde_json::json!({"input_tokens": api::input_tokens(&r)}),
+                HeaderMap::new(),
+            ),
+            Err(e) => self.json(
+                StatusCode::BAD_REQUEST,
+                &api::error_body("invalid_request_error", &format!("invalid request: {e}")),
+                HeaderMap::new(),
+            ),
+        })
     }
 
     fn record_only(&self, arrival: Instant, key: Option<&str>, outcome: AuditOutcome) -> Decision {

@@ -1,0 +1,108 @@
+"""The official `anthropic` Python SDK against tower-quota-sim: every answer the simulator gives
+must parse as the SDK's own types, validated (not merely constructed).
+
+Run by scripts/sdk_conformance.sh, which installs the SDK into a virtual environment and starts
+the simulator; arguments: the base URLs of a plain simulator, one whose streams end with an
+overload event, and one that answers 529 to everything.
+"""
+
+import sys
+
+import anthropic
+import pydantic
+from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
+
+plain, broken_stream, overloaded = sys.argv[1:4]
+MODEL = "claude-sonnet-4-6"
+ASK = [{"role": "user", "content": "Write a haiku about rate limits."}]
+events = pydantic.TypeAdapter(RawMessageStreamEvent)
+checked = []
+
+
+def client(base_url, key="sk-sdk-conformance"):
+    # No retries: every answer the simulator gives reaches the checks as it is.
+    return anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0)
+
+
+def check(name, ok, detail=""):
+    if not ok:
+        print(f"FAIL {name} {detail}")
+        sys.exit(1)
+    checked.append(name)
+    print(f"ok   {name}")
+
+
+# A message: the raw JSON validates as the SDK's Message, and the parsed object is whole.
+raw = client(plain).messages.with_raw_response.create(model=MODEL, max_tokens=64, messages=ASK)
+msg = Message.model_validate(raw.http_response.json())
+check("message: validates as anthropic.types.Message", msg.type == "message")
+parsed = raw.parse()
+check("message: role, content, stop_reason", parsed.role == "assistant"
+      and parsed.content and parsed.content[0].type == "text" and parsed.stop_reason is not None)
+check("message: usage", parsed.usage.input_tokens > 0 and parsed.usage.output_tokens > 0)
+check("message: rate-limit headers", "anthropic-ratelimit-requests-remaining" in raw.headers)
+
+# A stream: every event validates, the helper assembles the final message.
+with client(plain).messages.stream(model=MODEL, max_tokens=64, messages=ASK) as stream:
+    kinds = []
+    for event in stream:
+        if event.type in ("text", "input_json", "citation", "thinking", "signature"):
+            continue  # the helper's own derived events
+        events.validate_python(event.model_dump())
+        kinds.append(event.type)
+    final = stream.get_final_message()
+check("stream: events validate as RawMessageStreamEvent",
+      kinds[0] == "message_start" and kinds[-1] == "message_stop", str(kinds))
+check("stream: final message", final.content[0].text and final.usage.output_tokens > 0)
+
+# A stream the server breaks with an overload error event: the SDK raises its typed error.
+try:
+    with client(broken_stream).messages.stream(model=MODEL, max_tokens=256, messages=ASK) as s:
+        for _ in s:
+            pass
+    check("stream error event: raised", False, "no error")
+except anthropic.APIStatusError as e:
+    check("stream error event: a typed overload error",
+          isinstance(e.body, dict) and e.body.get("error", {}).get("type") == "overloaded_error",
+          repr(e.body))
+
+# Token counting.
+count = client(plain).messages.count_tokens(model=MODEL, messages=ASK)
+MessageTokensCount.model_validate(count.model_dump())
+check("count_tokens: validates", count.input_tokens > 0)
+
+# 429: RateLimitError with the error body and a Retry-After.
+c = client(plain, key="sk-sdk-429")
+try:
+    for _ in range(100):
+        c.messages.create(model=MODEL, max_tokens=16, messages=ASK)
+    check("429: raised", False, "never limited")
+except anthropic.RateLimitError as e:
+    check("429: RateLimitError", e.status_code == 429
+          and e.body["error"]["type"] == "rate_limit_error", repr(e.body))
+    check("429: retry-after", e.response.headers.get("retry-after") is not None)
+
+# 529: OverloadedError.
+try:
+    client(overloaded).messages.create(model=MODEL, max_tokens=16, messages=ASK)
+    check("529: raised", False, "no error")
+except anthropic.OverloadedError as e:
+    check("529: OverloadedError", e.status_code == 529
+          and e.body["error"]["type"] == "overloaded_error", repr(e.body))
+
+# 400: a request over the context window is the caller's mistake, typed as such.
+try:
+    client(plain).messages.create(model=MODEL, max_tokens=16,
+                                  messages=[{"role": "user", "content": "x" * 1_200_000}])
+    check("400: raised", False, "no error")
+except anthropic.BadRequestError as e:
+    check("400: BadRequestError", e.body["error"]["type"] == "invalid_request_error", repr(e.body))
+
+# 404: an unknown path.
+try:
+    client(plain).get("/v1/nothing-here", cast_to=object)
+    check("404: raised", False, "no error")
+except anthropic.NotFoundError as e:
+    check("404: NotFoundError", e.body["error"]["type"] == "not_found_error", repr(e.body))
+
+print(f"{len(checked)} passed, 0 failed")
