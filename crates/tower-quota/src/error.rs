@@ -33,14 +33,71 @@
 //! # }
 //! ```
 
+use crate::partition::PartitionKey;
 use std::error::Error as StdError;
+use std::fmt;
 use tokio::time::Instant;
+
+/// A queue of one of this crate's layers already held as many requests of the partition as it
+/// may: the request was refused at once, without waiting, so a flood cannot grow memory without
+/// bound. [`retry_at`](Self::retry_at) estimates when the queue will have room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueFull {
+    queue: &'static str,
+    partition: PartitionKey,
+    waiting: usize,
+    retry_at: Instant,
+}
+
+impl QueueFull {
+    pub(crate) fn new(
+        queue: &'static str,
+        partition: PartitionKey,
+        waiting: usize,
+        retry_at: Instant,
+    ) -> Self {
+        Self {
+            queue,
+            partition,
+            waiting,
+            retry_at,
+        }
+    }
+
+    /// The partition whose queue was full (a key fingerprint, never the key).
+    pub fn partition(&self) -> PartitionKey {
+        self.partition
+    }
+
+    /// The requests that were waiting in it.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// An estimate of when the queue will have room (the time the requests ahead need, at the
+    /// rate the layer knows).
+    pub fn retry_at(&self) -> Instant {
+        self.retry_at
+    }
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the {} queue of partition {} already holds {} requests: refused without waiting",
+            self.queue, self.partition, self.waiting
+        )
+    }
+}
+
+impl StdError for QueueFull {}
 
 /// The instant a request refused by one of this crate's layers could be sent: from a
 /// [`RetryError`](crate::retry::error::RetryError) (a hint past the cap, a deadline), a
-/// [`WaitTooLong`](crate::retry_after::error::WaitTooLong) or a
-/// [`BudgetError`](crate::budget::BudgetError), found anywhere in `error`'s source chain. `None`
-/// when no error of the chain says.
+/// [`WaitTooLong`](crate::retry_after::error::WaitTooLong), a
+/// [`BudgetError`](crate::budget::BudgetError) or a [`QueueFull`], found anywhere in `error`'s
+/// source chain. `None` when no error of the chain says.
 pub fn retry_at(error: &(dyn StdError + 'static)) -> Option<Instant> {
     let mut next = Some(error);
     while let Some(e) = next {
@@ -51,7 +108,7 @@ pub fn retry_at(error: &(dyn StdError + 'static)) -> Option<Instant> {
         } else if let Some(b) = e.downcast_ref::<crate::budget::BudgetError>() {
             b.retry_at()
         } else {
-            None
+            e.downcast_ref::<QueueFull>().map(QueueFull::retry_at)
         };
         if at.is_some() {
             return at;

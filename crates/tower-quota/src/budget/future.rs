@@ -1,15 +1,14 @@
 //! The response future of [`TokenBudget`](super::TokenBudget).
 
+use super::Cost;
+use super::answer::{answer, queue_full};
 use super::body::BudgetBody;
 use super::error::BudgetError;
 use super::layer::{Queue, Shared};
-use super::reservation::{NotSent, ReservationHandle, drive};
-use super::store::{Admission, Learned, StoreFuture};
-use super::{Bucket, Cost};
+use super::reservation::{NotSent, ReservationHandle};
+use super::store::{Admission, StoreFuture};
 use crate::BoxError;
-use crate::classify::{Outcome, TransportKind};
 use crate::partition::PartitionKey;
-use crate::signals::Signals;
 use crate::util::{Acquire, poll_acquire};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -60,6 +59,7 @@ pin_project! {
             let this = this.project();
             if *this.queued {
                 this.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                this.own.waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -89,6 +89,8 @@ enum Phase {
     Waiting(Instant),
     /// Admitted: waiting for the inner service.
     Ready,
+    /// Refused at once: this many of the partition's requests were waiting already.
+    Refused(usize),
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -103,10 +105,18 @@ where
         cost: Cost,
     ) -> Self {
         let own = shared.queue(partition);
-        shared.queued.fetch_add(1, Ordering::SeqCst);
-        // With no global cap and no probe due, a request may first try the store without taking
-        // the turn: when nobody holds or waits for the turn, nobody is ahead of it.
-        let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
+        let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
+        let full = waiting >= shared.max_queue;
+        let phase = if full {
+            own.waiting.fetch_sub(1, Ordering::SeqCst);
+            Phase::Refused(waiting)
+        } else {
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            // With no global cap and no probe due, a request may first try the store without
+            // taking the turn: when nobody holds or waits for the turn, nobody is ahead of it.
+            let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
+            Phase::Turn { fast }
+        };
         Self {
             svc,
             shared,
@@ -118,8 +128,8 @@ where
             acquire: None,
             asking: None,
             sleep: None,
-            phase: Phase::Turn { fast },
-            queued: true,
+            phase,
+            queued: !full,
             probe: false,
             probe_until: Instant::now(),
             not_sent: None,
@@ -139,6 +149,7 @@ where
             (_, Phase::Reserve) => "reserve",
             (_, Phase::Waiting(_)) => "waiting",
             (_, Phase::Ready) => "ready",
+            (_, Phase::Refused(_)) => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("partition", &self.partition)
@@ -191,6 +202,9 @@ where
                 }
             };
             match *this.phase {
+                Phase::Refused(waiting) => {
+                    return Poll::Ready(Err(Box::new(queue_full(this.own, waiting))));
+                }
                 Phase::Turn { fast } => {
                     if fast && this.own.queue.available_permits() > 0 {
                         *this.phase = Phase::Reserve;
@@ -233,6 +247,7 @@ where
                         Admission::Granted { charged } => {
                             *this.queued = false;
                             shared.queued.fetch_sub(1, Ordering::SeqCst);
+                            this.own.waiting.fetch_sub(1, Ordering::SeqCst);
                             shared.admitted.fetch_add(1, Ordering::Relaxed);
                             *this.global_turn = None;
                             // While some limit is neither configured nor learned, the first request
@@ -314,99 +329,6 @@ where
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
-            }
-        }
-    }
-}
-
-/// The inner service answered: settle, learn, release the probe's turn, wrap the body.
-fn answer<ResB>(
-    shared: &Shared,
-    partition: PartitionKey,
-    own: &Queue,
-    turn: &mut Option<OwnedSemaphorePermit>,
-    probe: &mut bool,
-    not_sent: &mut Option<NotSent>,
-    result: Result<Response<ResB>, BoxError>,
-) -> Result<Response<BudgetBody<ResB>>, BoxError> {
-    let handle = not_sent
-        .take()
-        .expect("reserved before the call")
-        .answered();
-    let mut res = match result {
-        Ok(res) => res,
-        Err(e) => {
-            let verdict = shared.ctx.classify_error(&*e);
-            if verdict.outcome == Outcome::Transport(TransportKind::Connect) {
-                // The request never reached the server.
-                handle.refund();
-            }
-            return Err(e);
-        }
-    };
-    settle_answer(shared, partition, &handle, &mut res);
-    if *probe {
-        *probe = false;
-        own.probed.store(true, Ordering::SeqCst);
-        *turn = None;
-    }
-    let sse = res
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    res.extensions_mut().insert(handle.clone());
-    let settle = shared.reconcile.then_some(handle);
-    Ok(res.map(|b| BudgetBody::new(b, settle, sse)))
-}
-
-/// What a response teaches the budget: the limits and levels in its headers, a refund when the
-/// server did no work, a cooldown in the store when it pushed back with a hint.
-fn settle_answer<R>(
-    shared: &Shared,
-    partition: PartitionKey,
-    handle: &ReservationHandle,
-    res: &mut Response<R>,
-) {
-    let outcome = shared.ctx.classify(res).outcome;
-    let signals = if outcome == Outcome::Success {
-        shared.ctx.signals_once(res)
-    } else {
-        // The retry and the gate read these again: parse once, cached.
-        Signals::clone(&shared.ctx.signals(res))
-    };
-    if shared.learn {
-        let learned: Vec<Learned> = Bucket::ALL
-            .iter()
-            .filter_map(|&b| {
-                let s = signals.bucket(b);
-                (s.limit.is_some() || s.remaining.is_some()).then_some(Learned {
-                    bucket: b,
-                    limit: s.limit,
-                    remaining: s.remaining,
-                })
-            })
-            .collect();
-        if !learned.is_empty() {
-            let store = shared.store.clone();
-            drive(async move {
-                if let Err(e) = store.learn(partition, &learned).await {
-                    tracing::warn!(error = %e.0, "budget: learning from headers failed");
-                }
-            });
-        }
-    }
-    if outcome != Outcome::Success {
-        // The server refused the request: it used nothing.
-        handle.refund();
-        if outcome == Outcome::RateLimited {
-            if let Some(hint) = signals.hint() {
-                let store = shared.store.clone();
-                drive(async move {
-                    if let Err(e) = store.cooldown(partition, hint.delay).await {
-                        tracing::warn!(error = %e.0, "budget: recording a cooldown failed");
-                    }
-                });
             }
         }
     }

@@ -20,6 +20,7 @@ pub(crate) struct Shared {
     pub(crate) ctx: QuotaContext,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) max_probe: Duration,
+    pub(crate) max_queue: usize,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
@@ -40,6 +41,8 @@ pub(crate) struct Queue {
     pub(crate) probed: AtomicBool,
     /// The scopes its requests draw on (its own, and the global cap's), made once.
     pub(crate) scopes: Arc<[Scope]>,
+    /// Its requests waiting for the budget.
+    pub(crate) waiting: AtomicUsize,
 }
 
 /// Limits chosen per partition.
@@ -99,6 +102,7 @@ impl Shared {
             queue: Arc::new(Semaphore::new(1)),
             probed: AtomicBool::new(false),
             scopes: self.scopes(p),
+            waiting: AtomicUsize::new(0),
         });
         map.insert(p, q.clone());
         q
@@ -115,6 +119,7 @@ struct Config {
     ctx: QuotaContext,
     max_wait: Option<Duration>,
     max_probe: Duration,
+    max_queue: usize,
     learn: bool,
     reconcile: bool,
     max_partitions: usize,
@@ -143,6 +148,12 @@ impl TokenBudgetLayer {
     /// is longer than any healthy server takes to send headers for a short request.
     pub const DEFAULT_MAX_PROBE: Duration = Duration::from_secs(30);
 
+    /// Default bound on the requests of one partition waiting for the budget: 10 000. A waiter
+    /// costs about 350 bytes beyond its request (`cargo bench -p tower-quota --bench memory`), so
+    /// a flood of one key stays within a few tens of megabytes; a request past the bound fails at
+    /// once with [`QueueFull`](crate::error::QueueFull).
+    pub const DEFAULT_MAX_QUEUE: usize = 10_000;
+
     /// A budget with `limits` for every partition (API key), an in-memory store, the
     /// [`MessagesEstimator`], learning from the server's headers on, waits capped at 5 minutes.
     /// `Limits::new()` (nothing configured) learns every limit from the server.
@@ -156,6 +167,7 @@ impl TokenBudgetLayer {
             ctx: QuotaContext::new(),
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
             max_probe: Self::DEFAULT_MAX_PROBE,
+            max_queue: Self::DEFAULT_MAX_QUEUE,
             learn: true,
             reconcile: true,
             max_partitions: MemoryStore::DEFAULT_MAX_PARTITIONS,
@@ -173,6 +185,7 @@ impl TokenBudgetLayer {
                 ctx: config.ctx.clone(),
                 max_wait: config.max_wait,
                 max_probe: config.max_probe,
+                max_queue: config.max_queue,
                 learn: config.learn,
                 reconcile: config.reconcile,
                 turns: Mutex::new(HashMap::new()),
@@ -255,6 +268,14 @@ impl TokenBudgetLayer {
     /// server's limits, as it would with a server that sends none.
     pub fn max_probe(self, bound: Duration) -> Self {
         self.with(|c| c.max_probe = bound)
+    }
+
+    /// How many requests of one partition may wait for the budget at once (default
+    /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
+    /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` estimates when the queue will
+    /// have room.
+    pub fn max_queue(self, bound: usize) -> Self {
+        self.with(|c| c.max_queue = bound)
     }
 
     /// Whether to learn limits and levels from the server's headers (default on).

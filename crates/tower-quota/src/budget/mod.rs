@@ -81,6 +81,7 @@
 //! # }
 //! ```
 
+mod answer;
 mod body;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -408,3 +408,44 @@ async fn a_wait_past_the_cap_fails_fast_with_retry_at() {
         "the message does not read the clock"
     );
 }
+
+/// Issue 10, finding 7: a flood of waiters of one key is bounded; past the bound a call fails at
+/// once with `QueueFull` and a `retry_at`, and the others of the queue are unaffected.
+#[tokio::test(start_paused = true)]
+async fn the_queue_of_a_partition_is_bounded() {
+    use crate::error::QueueFull;
+    let up = Upstream::new((1, 1));
+    let layer = TokenBudgetLayer::new(Limits::new().rpm(60).itpm(1_000_000).otpm(1_000_000))
+        .max_queue(100)
+        .max_wait(None);
+    let svc = layer.clone().layer(up.clone());
+    // The bucket's 60, then 100 waiters: the 101st waiter is refused.
+    let mut held = Vec::new();
+    for _ in 0..160 {
+        let mut t = tokio_test::task::spawn(svc.clone().oneshot(messages("k", "hi", 10)));
+        let _ = t.poll();
+        held.push(t);
+    }
+    assert_eq!(layer.handle().queued(), 100);
+    let t0 = Instant::now();
+    let err = svc
+        .clone()
+        .oneshot(messages("k", "hi", 10))
+        .await
+        .unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let at = crate::retry_at(&*err).unwrap();
+    let full = err.downcast::<QueueFull>().unwrap();
+    assert_eq!(full.waiting(), 100);
+    // 100 ahead at 60 a minute: about 100 s.
+    assert!(
+        at >= t0 + Duration::from_secs(90) && at <= t0 + Duration::from_secs(110),
+        "{:?}",
+        at - t0
+    );
+    // Another key has a queue of its own.
+    let mut other = tokio_test::task::spawn(svc.clone().oneshot(messages("k2", "hi", 10)));
+    assert!(other.poll().is_ready());
+    drop(held);
+    assert_eq!(layer.handle().queued(), 0);
+}

@@ -87,7 +87,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Holding { .. } if !*this.acquired => {
                     if let Some(slots) = this.slots.as_mut() {
-                        ready!(slots.poll_acquire(cx));
+                        ready!(slots.poll_acquire(cx)).map_err(|e| -> BoxError { Box::new(e) })?;
                     }
                     *this.acquired = true;
                 }

@@ -69,6 +69,7 @@ enum Mode {
 pub(crate) struct Shared {
     mode: Mode,
     global: Option<Arc<Limiter>>,
+    pub(crate) max_queue: usize,
     pub(crate) ctx: QuotaContext,
 }
 
@@ -140,12 +141,17 @@ struct Config {
     policy: LimitKind,
     per_partition: Option<usize>,
     global_cap: Option<usize>,
+    max_queue: usize,
     ctx: QuotaContext,
 }
 
 impl ConcurrencyLimitLayer {
     /// Default bound on the partitions tracked at once (idle ones beyond it are forgotten).
     pub const DEFAULT_MAX_PARTITIONS: usize = 10_000;
+
+    /// Default bound on the requests waiting for a slot of one limit: 10 000 (a waiter costs
+    /// about 230 bytes beyond its request).
+    pub const DEFAULT_MAX_QUEUE: usize = 10_000;
 
     fn from_config(config: Config) -> Self {
         let mode = match config.per_partition {
@@ -160,6 +166,7 @@ impl ConcurrencyLimitLayer {
             shared: Arc::new(Shared {
                 mode,
                 global: config.global_cap.map(|c| Limiter::new(LimitKind::Fixed(c))),
+                max_queue: config.max_queue,
                 ctx: config.ctx.clone(),
             }),
             config,
@@ -177,6 +184,7 @@ impl ConcurrencyLimitLayer {
             policy,
             per_partition: None,
             global_cap: None,
+            max_queue: Self::DEFAULT_MAX_QUEUE,
             ctx: QuotaContext::new(),
         })
     }
@@ -239,6 +247,13 @@ impl ConcurrencyLimitLayer {
     /// [`Outcome::is_backpressure`]: crate::classify::Outcome::is_backpressure
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
+    }
+
+    /// How many requests may wait for a slot of one limit at once (default
+    /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
+    /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` estimates when there will be room.
+    pub fn max_queue(self, bound: usize) -> Self {
+        self.with(|c| c.max_queue = bound)
     }
 
     /// A read-only view of the layer's live state.

@@ -1,6 +1,8 @@
 //! One concurrency limit: a FIFO semaphore whose size follows a fixed or an AIMD policy.
 
 use crate::classify::Outcome;
+use crate::error::QueueFull;
+use crate::partition::PartitionKey;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,6 +106,22 @@ impl Limiter {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refusal of a request that found `waiting` requests queued here: `retry_at` estimates
+    /// the round trips they need, `waiting / limit + 1` of the smoothed round trip (a second
+    /// before one is known).
+    pub(crate) fn queue_full(&self, partition: PartitionKey, waiting: usize) -> QueueFull {
+        let rtt = self.lock().rtt.unwrap_or(Duration::from_secs(1));
+        let rounds = waiting / self.limit().max(1) + 1;
+        let now = Instant::now();
+        let ahead = rtt.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
+        QueueFull::new(
+            "concurrency",
+            partition,
+            waiting,
+            now.checked_add(ahead).unwrap_or(now),
+        )
     }
 
     /// The current limit (whole requests).

@@ -63,7 +63,13 @@ where
             let shared = &self.shared;
             ready!(poll_reserve(
                 &mut self.reserved,
-                || Slots::new(shared.limiters(PartitionKey::ANONYMOUS)),
+                || {
+                    Slots::new(
+                        shared.limiters(PartitionKey::ANONYMOUS),
+                        PartitionKey::ANONYMOUS,
+                        shared.max_queue,
+                    )
+                },
                 cx
             ));
         }
@@ -81,7 +87,7 @@ where
                     true => self.shared.ctx.partition(&mut req),
                     false => PartitionKey::ANONYMOUS,
                 };
-                Slots::new(self.shared.limiters(p))
+                Slots::new(self.shared.limiters(p), p, self.shared.max_queue)
             }
         };
         ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), slots)

@@ -4,6 +4,8 @@
 
 use super::layer::Permit;
 use super::limiter::Limiter;
+use crate::error::QueueFull;
+use crate::partition::PartitionKey;
 use crate::util::Acquire;
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +25,10 @@ impl Drop for Queued {
 /// The slots one request is taking, or has taken.
 pub(crate) struct Slots {
     permit: Permit,
+    /// The partition the slots are for (for a refusal's message).
+    partition: PartitionKey,
+    /// How many may queue at a limiter before one more is refused.
+    max_queue: usize,
     waiting: Option<(Acquire, Queued)>,
     /// Demand exceeded the partition's limit: the slot was full when the request came, or it had
     /// to queue (the signal that lets an adaptive limit grow).
@@ -38,16 +44,23 @@ impl fmt::Debug for Slots {
 }
 
 impl Slots {
-    pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
+    pub(crate) fn new(
+        limiters: [Option<Arc<Limiter>>; 2],
+        partition: PartitionKey,
+        max_queue: usize,
+    ) -> Self {
         Self {
             permit: Permit::new(limiters),
+            partition,
+            max_queue,
             waiting: None,
             saturated: false,
         }
     }
 
-    /// Takes the slots in order, queueing where one is full; ready when all are held.
-    pub(crate) fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Takes the slots in order, queueing where one is full; ready when all are held, or refused
+    /// when a full limiter's queue is at its bound.
+    pub(crate) fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), QueueFull>> {
         while let Some(limiter) = self.permit.next().cloned() {
             let own = self.permit.at_own();
             let permit = match self.waiting.as_mut() {
@@ -61,6 +74,10 @@ impl Slots {
                     Err(_) => {
                         if own {
                             self.saturated = true;
+                        }
+                        let waiting = limiter.queued.load(Ordering::SeqCst);
+                        if waiting >= self.max_queue {
+                            return Poll::Ready(Err(limiter.queue_full(self.partition, waiting)));
                         }
                         let queued = limiter.queued.fetch_add(1, Ordering::SeqCst) + 1;
                         tracing::trace!(
@@ -87,7 +104,7 @@ impl Slots {
             }
             self.permit.took();
         }
-        Poll::Ready(())
+        Poll::Ready(Ok(()))
     }
 
     /// The partition's own limiter.
@@ -117,8 +134,12 @@ pub(crate) fn poll_reserve(
     make: impl FnOnce() -> Slots,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
-    reserved
-        .get_or_insert_with(|| SyncWrapper::new(make()))
-        .get_mut()
-        .poll_acquire(cx)
+    let slots = reserved.get_or_insert_with(|| SyncWrapper::new(make()));
+    if ready!(slots.get_mut().poll_acquire(cx)).is_err() {
+        // The queue is at its bound: reserve nothing, so `call` makes a future that meets the
+        // bound itself and fails with the typed error (a `poll_ready` error would break the
+        // service for good).
+        *reserved = None;
+    }
+    Poll::Ready(())
 }

@@ -198,3 +198,34 @@ async fn per_partition_limits_are_always_ready_and_wait_in_the_future() {
     tokio_test::assert_pending!(second.poll());
     assert_eq!(layer.handle().queued(), 1);
 }
+
+/// Issue 10, finding 7: the requests waiting for a slot are bounded; one more fails at once with
+/// `QueueFull` and a `retry_at`.
+#[tokio::test(start_paused = true)]
+async fn the_queue_for_a_slot_is_bounded() {
+    use crate::error::QueueFull;
+    for layer in [
+        ConcurrencyLimitLayer::fixed(1).max_queue(3),
+        ConcurrencyLimitLayer::fixed(1)
+            .per_partition(8)
+            .max_queue(3),
+    ] {
+        let (m, _h) = mock();
+        let svc = layer.layer(m);
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let mut t = tokio_test::task::spawn(svc.clone().oneshot(req("k", &i.to_string())));
+            tokio_test::assert_pending!(t.poll());
+            held.push(t);
+        }
+        assert_eq!(layer.handle().queued(), 3);
+        let t0 = tokio::time::Instant::now();
+        let err = svc.clone().oneshot(req("k", "refused")).await.unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert!(crate::retry_at(&*err).is_some_and(|at| at > t0));
+        let full = err.downcast::<QueueFull>().unwrap();
+        assert_eq!(full.waiting(), 3);
+        drop(held);
+        assert_eq!(layer.handle().queued(), 0);
+    }
+}

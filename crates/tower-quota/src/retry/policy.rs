@@ -139,6 +139,7 @@ pub(crate) fn is_final(error: &(dyn StdError + 'static)) -> bool {
         if e.is::<RetryError>()
             || e.is::<crate::retry_after::error::WaitTooLong>()
             || e.is::<crate::budget::BudgetError>()
+            || e.is::<crate::error::QueueFull>()
         {
             return true;
         }

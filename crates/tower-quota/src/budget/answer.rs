@@ -1,0 +1,132 @@
+//! What the budget does once its inner service answers (settle, learn, release a probe's turn,
+//! wrap the body), and its refusal of a request whose partition's queue is full.
+
+use super::Bucket;
+use super::body::BudgetBody;
+use super::layer::{Queue, Shared};
+use super::reservation::{NotSent, ReservationHandle, drive};
+use super::store::Learned;
+use crate::BoxError;
+use crate::classify::{Outcome, TransportKind};
+use crate::error::QueueFull;
+use crate::partition::PartitionKey;
+use crate::signals::Signals;
+use http::Response;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+/// The refusal of a request that found `waiting` requests of its partition queued: `retry_at`
+/// estimates the time they need at the partition's request rate (a second if it is not known).
+pub(super) fn queue_full(own: &Queue, waiting: usize) -> QueueFull {
+    let per_request = own.scopes[0]
+        .limits
+        .requests
+        .filter(|l| l.per_minute > 0)
+        .map_or(Duration::from_secs(1), |l| {
+            Duration::from_secs_f64(60.0 / l.per_minute as f64)
+        });
+    let now = Instant::now();
+    let ahead = per_request.saturating_mul(u32::try_from(waiting).unwrap_or(u32::MAX));
+    let partition = own.scopes[0].partition;
+    QueueFull::new(
+        "budget",
+        partition,
+        waiting,
+        now.checked_add(ahead).unwrap_or(now),
+    )
+}
+
+/// The inner service answered: settle, learn, release the probe's turn, wrap the body.
+pub(super) fn answer<ResB>(
+    shared: &Shared,
+    partition: PartitionKey,
+    own: &Queue,
+    turn: &mut Option<OwnedSemaphorePermit>,
+    probe: &mut bool,
+    not_sent: &mut Option<NotSent>,
+    result: Result<Response<ResB>, BoxError>,
+) -> Result<Response<BudgetBody<ResB>>, BoxError> {
+    let handle = not_sent
+        .take()
+        .expect("reserved before the call")
+        .answered();
+    let mut res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            let verdict = shared.ctx.classify_error(&*e);
+            if verdict.outcome == Outcome::Transport(TransportKind::Connect) {
+                // The request never reached the server.
+                handle.refund();
+            }
+            return Err(e);
+        }
+    };
+    settle_answer(shared, partition, &handle, &mut res);
+    if *probe {
+        *probe = false;
+        own.probed.store(true, Ordering::SeqCst);
+        *turn = None;
+    }
+    let sse = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    res.extensions_mut().insert(handle.clone());
+    let settle = shared.reconcile.then_some(handle);
+    Ok(res.map(|b| BudgetBody::new(b, settle, sse)))
+}
+
+/// What a response teaches the budget: the limits and levels in its headers, a refund when the
+/// server did no work, a cooldown in the store when it pushed back with a hint.
+fn settle_answer<R>(
+    shared: &Shared,
+    partition: PartitionKey,
+    handle: &ReservationHandle,
+    res: &mut Response<R>,
+) {
+    let outcome = shared.ctx.classify(res).outcome;
+    let signals = if outcome == Outcome::Success {
+        shared.ctx.signals_once(res)
+    } else {
+        // The retry and the gate read these again: parse once, cached.
+        Signals::clone(&shared.ctx.signals(res))
+    };
+    if shared.learn {
+        let learned: Vec<Learned> = Bucket::ALL
+            .iter()
+            .filter_map(|&b| {
+                let s = signals.bucket(b);
+                (s.limit.is_some() || s.remaining.is_some()).then_some(Learned {
+                    bucket: b,
+                    limit: s.limit,
+                    remaining: s.remaining,
+                })
+            })
+            .collect();
+        if !learned.is_empty() {
+            let store = shared.store.clone();
+            drive(async move {
+                if let Err(e) = store.learn(partition, &learned).await {
+                    tracing::warn!(error = %e.0, "budget: learning from headers failed");
+                }
+            });
+        }
+    }
+    if outcome != Outcome::Success {
+        // The server refused the request: it used nothing.
+        handle.refund();
+        if outcome == Outcome::RateLimited {
+            if let Some(hint) = signals.hint() {
+                let store = shared.store.clone();
+                drive(async move {
+                    if let Err(e) = store.cooldown(partition, hint.delay).await {
+                        tracing::warn!(error = %e.0, "budget: recording a cooldown failed");
+                    }
+                });
+            }
+        }
+    }
+}
