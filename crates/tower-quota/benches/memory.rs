@@ -73,7 +73,9 @@ fn main() {
                 .itpm(1_000_000)
                 .otpm(1_000_000)
                 .tpm(1_000_000),
-        );
+        )
+        // 100 000 waiters of one key: past the default bound of 10 000.
+        .max_queue(2 * N);
         let svc = layer.layer(service_fn(never));
         let mut first = tokio_test::task::spawn(svc.clone().oneshot(req("sk-mem")));
         let _ = first.poll();
@@ -88,7 +90,9 @@ fn main() {
         drop(waiters);
 
         // Waiters queued at the concurrency limit.
-        let svc = ConcurrencyLimitLayer::fixed(1).layer(service_fn(never));
+        let svc = ConcurrencyLimitLayer::fixed(1)
+            .max_queue(2 * N)
+            .layer(service_fn(never));
         let mut first = tokio_test::task::spawn(svc.clone().oneshot(req("sk-mem")));
         let _ = first.poll();
         let before = heap();
