@@ -98,6 +98,15 @@ try:
 except anthropic.BadRequestError as e:
     check("400: BadRequestError", e.body["error"]["type"] == "invalid_request_error", repr(e.body))
 
+# 413: a body over the API's 32 MB.
+try:
+    client(plain).messages.create(model=MODEL, max_tokens=16,
+                                  messages=[{"role": "user", "content": "x" * (33 << 20)}])
+    check("413: raised", False, "no error")
+except anthropic.APIStatusError as e:
+    check("413: a typed request_too_large error", e.status_code == 413
+          and e.body["error"]["type"] == "request_too_large", f"{type(e).__name__} {e.body!r}")
+
 # 404: an unknown path.
 try:
     client(plain).get("/v1/nothing-here", cast_to=object)

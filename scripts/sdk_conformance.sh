@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The official `anthropic` Python SDK against tower-quota-sim (scripts/sdk_conformance.py): every
 # answer the simulator gives (messages, streams, a stream's error event, token counts, 429, 529,
-# 400, 404) must parse as the SDK's own types. Installs the SDK into a virtual environment under
+# 400, 413, 404) must parse as the SDK's own types. Installs the SDK into a virtual environment under
 # target/ (PyPI), builds and starts three simulators on free loopback ports, stops them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -69,9 +69,12 @@ pub fn input_tokens(req: &MessagesRequest) -> u64 {
         .messages
         .iter()
         .map(|m| text_chars(&m.content))
-        .sum::<u64>()
-        + req.system.as_ref().map_or(0, text_chars);
-    chars.div_ceil(4) + 4 * req.messages.len() as u64 + 3
+        .fold(0u64, u64::saturating_add)
+        .saturating_add(req.system.as_ref().map_or(0, text_chars));
+    chars
+        .div_ceil(4)
+        .saturating_add((req.messages.len() as u64).saturating_mul(4))
+        .saturating_add(3)
 }
 
 /// An Anthropic-shaped error body.

@@ -26,6 +26,8 @@ pub enum AuditOutcome {
     Unauthorized,
     /// 404: another path.
     NotFound,
+    /// 413: a body over the API's 32 MB.
+    TooLarge,
 }
 
 /// One request, as the simulator saw it.
@@ -66,7 +68,7 @@ pub struct Counts {
     pub server_errors: u64,
     /// Connections dropped after admission.
     pub resets: u64,
-    /// Answered 400, 401 or 404.
+    /// Answered 400, 401, 404 or 413.
     pub rejected: u64,
     /// Input tokens charged.
     pub input_tokens: u64,
@@ -85,12 +87,14 @@ impl Counts {
             AuditOutcome::RateLimited => self.rate_limited += 1,
             AuditOutcome::ServerError => self.server_errors += 1,
             AuditOutcome::Reset => self.resets += 1,
-            AuditOutcome::BadRequest | AuditOutcome::Unauthorized | AuditOutcome::NotFound => {
-                self.rejected += 1
-            }
+            AuditOutcome::BadRequest
+            | AuditOutcome::Unauthorized
+            | AuditOutcome::NotFound
+            | AuditOutcome::TooLarge => self.rejected += 1,
         }
-        self.input_tokens += r.input_tokens;
-        self.output_tokens += r.output_tokens;
+        // Totals saturate: a client's absurd numbers never wrap them.
+        self.input_tokens = self.input_tokens.saturating_add(r.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(r.output_tokens);
         self.early_arrivals += u64::from(r.early);
     }
 }

@@ -1,7 +1,13 @@
 //! The simulator as a real HTTP/1.1 server on a port.
 
 use crate::Simulator;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::time::Duration;
+
+/// How long a connection may take to send a request's headers (or stay idle between requests).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause after a failed accept (such as running out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 use hyper_util::service::TowerToHyperService;
 use std::io;
 use std::net::SocketAddr;
@@ -55,14 +61,23 @@ pub async fn serve(sim: Simulator, addr: SocketAddr) -> io::Result<ServerHandle>
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
-                    Err(_) => continue,
+                    // Out of file descriptors (or another transient failure): wait a little
+                    // instead of spinning, so the connections being served can finish.
+                    Err(_) => {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
                 },
                 _ = stopped.changed() => break,
             };
             let svc = TowerToHyperService::new(service.clone());
             let mut stop_conn = stopped.clone();
             tokio::spawn(async move {
+                // A connection must send a request's headers within HEADER_TIMEOUT (idle
+                // keep-alive connections included): slow or silent clients cannot pin it.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
                 tokio::select! {

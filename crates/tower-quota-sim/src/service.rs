@@ -193,12 +193,18 @@ impl Simulator {
             }
         }
         let key = api_key(req.headers());
-        let bytes = req
-            .into_body()
+        // The API's own request size limit: a larger body is refused, never buffered whole.
+        let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(Into::into)?
-            .to_bytes();
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let d = self.record_only(arrival, key.as_deref(), AuditOutcome::TooLarge);
+                return self.finish(d).await;
+            }
+            Err(e) => return Err(e),
+        };
         let parsed = serde_json::from_slice::<MessagesRequest>(&bytes);
         let decision = self.decide(arrival, key, parsed);
         self.finish(decision).await
@@ -248,6 +254,11 @@ impl Simulator {
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 "x-api-key header is required",
+            ),
+            AuditOutcome::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "Request exceeds the maximum allowed number of bytes (32 MB).",
             ),
             _ => (StatusCode::NOT_FOUND, "not_found_error", "Not found"),
         };
@@ -378,7 +389,11 @@ impl Simulator {
             ("requests", ks.rpm.as_mut(), 1.0),
             ("input tokens", ks.itpm.as_mut(), input as f64),
             ("output tokens", ks.otpm.as_mut(), req.max_tokens as f64),
-            ("tokens", ks.tpm.as_mut(), (input + req.max_tokens) as f64),
+            (
+                "tokens",
+                ks.tpm.as_mut(),
+                input.saturating_add(req.max_tokens) as f64,
+            ),
         ];
         let mut wait = Duration::ZERO;
         for (name, bucket, need) in needs {
@@ -422,7 +437,7 @@ impl Simulator {
             (ks.rpm.as_mut(), 1),
             (ks.itpm.as_mut(), input),
             (ks.otpm.as_mut(), output),
-            (ks.tpm.as_mut(), input + output),
+            (ks.tpm.as_mut(), input.saturating_add(output)),
         ] {
             if let Some(b) = bucket {
                 b.debit(amount as f64, now);
@@ -556,6 +571,9 @@ impl Simulator {
         }
     }
 }
+
+/// The largest request body the API takes: 32 MB.
+const MAX_BODY: usize = 32 << 20;
 
 fn api_key(headers: &HeaderMap) -> Option<String> {
     if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
