@@ -841,3 +841,32 @@ async fn a_seed_survives_later_builder_calls() {
     };
     assert_eq!(delays().await, delays().await);
 }
+
+/// Issue 10, finding 7: the requests waiting at a closed gate are bounded; one more fails at once
+/// with `QueueFull`, whose `retry_at` is the gate's instant.
+#[tokio::test(start_paused = true)]
+async fn the_wait_at_a_closed_gate_is_bounded() {
+    let script = Script::new([
+        with_headers(429, &[("retry-after", "60".into())]),
+        status(200),
+    ]);
+    let gate = RetryAfterLayer::new().jitter(Duration::ZERO).max_queue(3);
+    let svc = gate.layer(script.clone());
+    let t0 = Instant::now();
+    svc.clone().oneshot(req()).await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut t = tokio_test::task::spawn(svc.clone().oneshot(req()));
+        tokio_test::assert_pending!(t.poll());
+        waiting.push(t);
+    }
+    let err = svc.clone().oneshot(req()).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(crate::retry_at(&*err), Some(t0 + 60 * SEC));
+    let full = err.downcast::<crate::error::QueueFull>().unwrap();
+    assert_eq!(full.waiting(), 3);
+    // A waiter that gives up makes room.
+    waiting.pop();
+    let mut again = tokio_test::task::spawn(svc.clone().oneshot(req()));
+    tokio_test::assert_pending!(again.poll());
+}

@@ -30,6 +30,8 @@ pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         notified: Option<Pin<Box<OwnedNotified>>>,
         probe: bool,
+        // Counted among the gate's waiters.
+        waiting: bool,
         // Past the gate, waiting for the inner service.
         passed: bool,
         #[pin]
@@ -45,6 +47,9 @@ pin_project! {
             if *this.probe {
                 // A probe that gives up hands the role to the next waiter.
                 this.shared.probe_done(*this.partition, false);
+            }
+            if *this.waiting {
+                this.shared.leave(*this.partition);
             }
         }
     }
@@ -78,6 +83,7 @@ where
             sleep: None,
             notified: None,
             probe: false,
+            waiting: false,
             passed: false,
             state: State::Holding { req: Some(req) },
         }
@@ -127,6 +133,10 @@ where
                                 if let Some(err) = this.shared.too_long(p, until, now) {
                                     return Poll::Ready(Err(err.into()));
                                 }
+                                if !*this.waiting {
+                                    this.shared.enter(p)?;
+                                    *this.waiting = true;
+                                }
                                 // The jitter is drawn once, the first time the request meets a
                                 // closed gate, and only ever adds to the server's instant.
                                 let jitter =
@@ -150,6 +160,9 @@ where
                             }
                             Meet::Pass { probe } => {
                                 *this.probe |= probe;
+                                if std::mem::take(this.waiting) {
+                                    this.shared.leave(p);
+                                }
                                 if let Some(until) = *this.waited {
                                     // Released by a probe's answer: keep this request's own
                                     // jitter, so the herd spreads out behind the probe.

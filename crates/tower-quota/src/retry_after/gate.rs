@@ -4,6 +4,7 @@
 use super::error::WaitTooLong;
 use crate::classify::Outcome;
 use crate::context::QuotaContext;
+use crate::error::QueueFull;
 use crate::hint::{RetryAt, RetrySource};
 use crate::partition::PartitionKey;
 use http::Response;
@@ -36,6 +37,8 @@ struct Gate {
     strikes: u32,
     /// Wakes the requests waiting for a probe's answer.
     notify: Arc<Notify>,
+    /// Requests waiting at it (closed, or for a probe's answer).
+    waiters: usize,
 }
 
 /// The window past which a reopening gate is fully open.
@@ -65,6 +68,7 @@ pub(crate) struct Shared {
     jitter: Duration,
     inferred: Option<Duration>,
     rng: Mutex<SmallRng>,
+    max_queue: usize,
 }
 
 /// The longest inferred cooldown.
@@ -103,6 +107,7 @@ impl Shared {
         jitter: Duration,
         inferred: Option<Duration>,
         seed: Option<u64>,
+        max_queue: usize,
     ) -> Self {
         Self {
             gates: Mutex::new(HashMap::new()),
@@ -113,6 +118,7 @@ impl Shared {
             jitter,
             inferred,
             rng: Mutex::new(crate::util::small_rng(seed)),
+            max_queue,
         }
     }
 
@@ -205,7 +211,7 @@ impl Shared {
     /// cannot grow it for ever, and a flood of new gates costs O(1) each, amortised).
     fn sweep(&self, gates: &mut Gates<'_>, now: Instant) {
         if self.sweep.due(gates.len()) {
-            gates.retain(|_, g| g.until > now || g.probes > 0);
+            gates.retain(|_, g| g.until > now || g.probes > 0 || g.waiters > 0);
             self.sweep.swept(gates.len());
         }
     }
@@ -220,6 +226,7 @@ impl Shared {
             probes: 0,
             strikes: 0,
             notify: Arc::new(Notify::new()),
+            waiters: 0,
         });
         // 429s that were in flight together count once: only one that arrives while the gate is
         // open strikes again.
@@ -253,10 +260,31 @@ impl Shared {
             probes: 0,
             strikes: 0,
             notify: Arc::new(Notify::new()),
+            waiters: 0,
         });
         g.until = g.until.max(at);
         g.window = 1;
         g.until
+    }
+
+    /// A request starts waiting at the gate of `p`; refused when `max_queue` already wait there.
+    pub(crate) fn enter(&self, p: PartitionKey) -> Result<(), QueueFull> {
+        let mut gates = self.lock();
+        let Some(g) = gates.get_mut(&p) else {
+            return Ok(());
+        };
+        if g.waiters >= self.max_queue {
+            return Err(QueueFull::new("retry-after gate", p, g.waiters, g.until));
+        }
+        g.waiters += 1;
+        Ok(())
+    }
+
+    /// A request that waited at the gate of `p` leaves it (passes, or gives up).
+    pub(crate) fn leave(&self, p: PartitionKey) {
+        if let Some(g) = self.lock().get_mut(&p) {
+            g.waiters = g.waiters.saturating_sub(1);
+        }
     }
 
     /// A fresh jitter in `[0, jitter]`.
@@ -318,7 +346,14 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     fn shared() -> Shared {
-        Shared::new(QuotaContext::new(), None, Duration::ZERO, None, Some(1))
+        Shared::new(
+            QuotaContext::new(),
+            None,
+            Duration::ZERO,
+            None,
+            Some(1),
+            10_000,
+        )
     }
 
     #[tokio::test(start_paused = true)]

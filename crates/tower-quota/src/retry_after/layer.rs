@@ -28,9 +28,14 @@ struct Config {
     jitter: Duration,
     inferred: Option<Duration>,
     seed: Option<u64>,
+    max_queue: usize,
 }
 
 impl RetryAfterLayer {
+    /// Default bound on the requests waiting at one partition's gate: 10 000 (a waiter costs
+    /// about 250 bytes beyond its request).
+    pub const DEFAULT_MAX_QUEUE: usize = 10_000;
+
     /// Default cap on one wait: 5 minutes. Real resets run to a few minutes (Anthropic's have been
     /// seen at ~171 s, past the SDKs' 60 s cap); a longer hint is better reported than slept on.
     pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(300);
@@ -51,6 +56,7 @@ impl RetryAfterLayer {
             max_wait: Some(Self::DEFAULT_MAX_WAIT),
             jitter: Self::DEFAULT_JITTER,
             inferred: Some(Self::DEFAULT_INFERRED_COOLDOWN),
+            max_queue: Self::DEFAULT_MAX_QUEUE,
             seed: None,
         })
     }
@@ -63,6 +69,7 @@ impl RetryAfterLayer {
                 c.jitter,
                 c.inferred,
                 c.seed,
+                c.max_queue,
             )),
             config: c,
         }
@@ -109,6 +116,13 @@ impl RetryAfterLayer {
     /// header. Give every layer of a stack the same one.
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
+    }
+
+    /// How many requests may wait at one partition's gate at once (default
+    /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
+    /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` is the gate's instant.
+    pub fn max_queue(self, bound: usize) -> Self {
+        self.with(|c| c.max_queue = bound)
     }
 
     /// A read-only view of the layer's gates.
