@@ -220,40 +220,29 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
-    g.bench_function("full_stack", |b| {
-        b.iter_custom(|n| {
-            run(
-                &rt,
-                || {
-                    ServiceBuilder::new()
-                        .layer(BackoffRetryLayer::new())
-                        .layer(TokenBudgetLayer::new(big()))
-                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
-                        .layer(RetryAfterLayer::new())
-                        .service(service_fn(ok))
-                },
-                req,
-                n,
-            )
-        })
-    });
-    g.bench_function("full_stack_cost_given", |b| {
-        b.iter_custom(|n| {
-            run(
-                &rt,
-                || {
-                    ServiceBuilder::new()
-                        .layer(BackoffRetryLayer::new())
-                        .layer(TokenBudgetLayer::new(big()))
-                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
-                        .layer(RetryAfterLayer::new())
-                        .service(service_fn(ok))
-                },
-                req_with_cost,
-                n,
-            )
-        })
-    });
+    // The full stack, in the recommended order; with the JSON estimate, and with a given cost.
+    for (name, mk_req) in [
+        ("full_stack", req as fn() -> Request<Body>),
+        ("full_stack_cost_given", req_with_cost),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                run(
+                    &rt,
+                    || {
+                        ServiceBuilder::new()
+                            .layer(BackoffRetryLayer::new())
+                            .layer(TokenBudgetLayer::new(big()))
+                            .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
+                            .layer(RetryAfterLayer::new())
+                            .service(service_fn(ok))
+                    },
+                    mk_req,
+                    n,
+                )
+            })
+        });
+    }
     g.bench_function("messages_estimator_alone", |b| {
         let e = MessagesEstimator::default();
         let (headers, ext) = (http::HeaderMap::new(), http::Extensions::new());
