@@ -55,7 +55,6 @@ use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
 use scripts::Scripts;
 use std::fmt;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -89,7 +88,10 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    /// The connection, once made: a store may start while Redis is down.
+    conn: tokio::sync::OnceCell<ConnectionManager>,
+    /// What to connect with, when the store was given a URL.
+    client: Option<Client>,
     scripts: Scripts,
     prefix: String,
     single_slot: bool,
@@ -127,24 +129,29 @@ impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`) with a `ConnectionManager` (reconnects on its
     /// own), keys prefixed `tq:`, the default timeout and the local fallback for one worker.
     ///
+    /// Redis need not be up: a store that cannot reach it yet starts on its failure policy (the
+    /// local fallback by default) and connects once Redis answers, tried at most once a second.
+    ///
     /// # Errors
     ///
-    /// If the URL is invalid or Redis cannot be reached now.
+    /// If the URL is invalid.
     pub async fn connect(url: &str) -> Result<Self, RedisError> {
         let client = Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(200)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self::from_connection(conn))
+        let store = Self::build(tokio::sync::OnceCell::new(), Some(client));
+        let _ = store.connection().await;
+        Ok(store)
     }
 
     /// A store over an existing connection manager.
     pub fn from_connection(conn: ConnectionManager) -> Self {
+        Self::build(tokio::sync::OnceCell::new_with(Some(conn)), None)
+    }
+
+    fn build(conn: tokio::sync::OnceCell<ConnectionManager>, client: Option<Client>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 conn,
+                client,
                 scripts: Scripts::new(),
                 prefix: "tq:".to_owned(),
                 single_slot: false,
@@ -163,6 +170,7 @@ impl RedisStore {
         let i = &self.inner;
         let mut inner = Inner {
             conn: i.conn.clone(),
+            client: i.client.clone(),
             scripts: Scripts::new(),
             prefix: i.prefix.clone(),
             single_slot: i.single_slot,
@@ -252,15 +260,49 @@ impl RedisStore {
     }
 
     /// Runs a Redis call under the timeout; `None` if it failed (the health is updated).
-    async fn call<T>(
+    /// The connection, made now if it was not yet (when Redis may be tried); `None` while Redis
+    /// cannot be reached.
+    async fn connection(&self) -> Option<ConnectionManager> {
+        if let Some(c) = self.inner.conn.get() {
+            return Some(c.clone());
+        }
+        let client = self.inner.client.as_ref()?;
+        if !self.should_try() {
+            return None;
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let made = ConnectionManager::new_with_config(client.clone(), config);
+        match tokio::time::timeout(Duration::from_millis(500), made).await {
+            Ok(Ok(c)) => {
+                // Another task may have connected meanwhile: either connection serves.
+                let _ = self.inner.conn.set(c.clone());
+                Some(c)
+            }
+            Ok(Err(e)) => {
+                self.mark(false, "connect", Some(&e.to_string()));
+                None
+            }
+            Err(_) => {
+                self.mark(false, "connect", None);
+                None
+            }
+        }
+    }
+
+    /// Runs a script on Redis within the timeout; `None` (and Redis marked down) if it fails.
+    async fn call<T: redis::FromRedisValue>(
         &self,
         what: &str,
-        f: impl Future<Output = Result<T, RedisError>>,
+        inv: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
         if !self.should_try() {
             return None;
         }
-        match tokio::time::timeout(self.inner.timeout, f).await {
+        let mut conn = self.connection().await?;
+        match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(v)) => {
                 self.mark(true, what, None);
                 Some(v)
@@ -312,8 +354,7 @@ impl RedisStore {
             .arg(cost.input_tokens)
             .arg(cost.output_tokens)
             .arg(Self::invoke_args(scopes));
-        let mut conn = self.inner.conn.clone();
-        let reply: Vec<i64> = self.call("reserve", inv.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self.call("reserve", &inv).await?;
         Some(decode_admission(&reply, scopes))
     }
 }
@@ -430,12 +471,7 @@ impl BudgetStore for RedisStore {
                 .arg(delta.output_tokens)
                 .arg(delta.only.0)
                 .arg(Self::invoke_args(scopes));
-            let mut conn = self.inner.conn.clone();
-            if self
-                .call::<i64>("adjust", inv.invoke_async(&mut conn))
-                .await
-                .is_some()
-            {
+            if self.call::<i64>("adjust", &inv).await.is_some() {
                 return Ok(());
             }
             if let OnFailure::Fallback { workers } = self.inner.on_failure {
@@ -452,12 +488,7 @@ impl BudgetStore for RedisStore {
             let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX / 2);
             let mut inv = self.inner.scripts.cooldown.prepare_invoke();
             inv.key(sk).arg(us);
-            let mut conn = self.inner.conn.clone();
-            if self
-                .call::<i64>("cooldown", inv.invoke_async(&mut conn))
-                .await
-                .is_none()
-            {
+            if self.call::<i64>("cooldown", &inv).await.is_none() {
                 self.inner.fallback.cooldown(partition, duration).await?;
             }
             Ok(())
@@ -475,12 +506,7 @@ impl BudgetStore for RedisStore {
             }
             let mut inv = self.inner.scripts.learn.prepare_invoke();
             inv.key(sk).key(lk).arg(&args[..]);
-            let mut conn = self.inner.conn.clone();
-            if self
-                .call::<i64>("learn", inv.invoke_async(&mut conn))
-                .await
-                .is_none()
-            {
+            if self.call::<i64>("learn", &inv).await.is_none() {
                 if let OnFailure::Fallback { workers } = self.inner.on_failure {
                     let w = u64::from(workers.max(1));
                     let local: Vec<Learned> = learned
@@ -507,11 +533,7 @@ impl BudgetStore for RedisStore {
             let (sk, lk) = self.keys(partition);
             let mut inv = self.inner.scripts.snapshot.prepare_invoke();
             inv.key(sk).key(lk).arg(&limit_args(&limits)[..]);
-            let mut conn = self.inner.conn.clone();
-            let Some(r) = self
-                .call::<Vec<i64>>("snapshot", inv.invoke_async(&mut conn))
-                .await
-            else {
+            let Some(r) = self.call::<Vec<i64>>("snapshot", &inv).await else {
                 return self.inner.fallback.snapshot(partition, limits).await;
             };
             let mut snap = Snapshot::default();

@@ -376,3 +376,34 @@ async fn the_budget_layer_loses_no_request_while_redis_restarts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Issue 10, finding 3 (in part): a process can start while Redis is down: the store comes up on
+/// its failure policy and reaches Redis once it is back.
+#[tokio::test]
+async fn a_store_starts_while_redis_is_down_and_reaches_it_later() {
+    let mut server = RedisServer::start().await;
+    server.stop();
+    let s = RedisStore::connect(&server.url())
+        .await
+        .expect("a store even with Redis down");
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-late"),
+        limits: Limits::new().rpm(600),
+    }];
+    // The local fallback answers meanwhile.
+    assert!(matches!(
+        s.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
+        Admission::Granted { .. }
+    ));
+    assert!(!s.is_up());
+    server.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.is_up() {
+        let _ = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

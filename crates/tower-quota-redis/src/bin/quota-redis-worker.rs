@@ -21,7 +21,8 @@ async fn main() {
     let rpm: u64 = rpm.parse().expect("RPM");
     let burst: u64 = burst.parse().expect("BURST");
     let run_for = Duration::from_millis(millis.parse().expect("MILLIS"));
-    let store = RedisStore::connect(url).await.expect("connect to Redis");
+    // Redis need not be up yet: the store starts on its fallback and connects when it can.
+    let store = RedisStore::connect(url).await.expect("a valid Redis URL");
     let scopes = [Scope {
         partition: PartitionKey::fingerprint(key.as_bytes()),
         limits: Limits {
