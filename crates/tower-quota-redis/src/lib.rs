@@ -55,6 +55,7 @@ use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
 use scripts::Scripts;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -99,12 +100,27 @@ struct Inner {
     on_failure: OnFailure,
     fallback: MemoryStore,
     health: Mutex<Health>,
+    /// This process's id in the fleet's heartbeat set.
+    id: String,
+    /// The processes the heartbeat last counted (0: not known yet).
+    live_workers: AtomicU32,
 }
 
 #[derive(Debug)]
 struct Health {
     down_since: Option<Instant>,
     next_try: Instant,
+}
+
+/// How often a store beats the fleet's heartbeat (a process counts for three beats).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A process id for the heartbeat set: random, never the key or anything about the host.
+fn process_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }
 
 /// How long Redis is left alone after a failure before it is tried again.
@@ -139,12 +155,15 @@ impl RedisStore {
         let client = Client::open(url)?;
         let store = Self::build(tokio::sync::OnceCell::new(), Some(client));
         let _ = store.connection().await;
+        store.start_heartbeat();
         Ok(store)
     }
 
     /// A store over an existing connection manager.
     pub fn from_connection(conn: ConnectionManager) -> Self {
-        Self::build(tokio::sync::OnceCell::new_with(Some(conn)), None)
+        let store = Self::build(tokio::sync::OnceCell::new_with(Some(conn)), None);
+        store.start_heartbeat();
+        store
     }
 
     fn build(conn: tokio::sync::OnceCell<ConnectionManager>, client: Option<Client>) -> Self {
@@ -157,13 +176,53 @@ impl RedisStore {
                 single_slot: false,
                 timeout: Self::DEFAULT_TIMEOUT,
                 on_failure: OnFailure::Fallback { workers: 1 },
-                fallback: MemoryStore::default(),
+                fallback: MemoryStore::starting_empty(MemoryStore::DEFAULT_MAX_PARTITIONS),
                 health: Mutex::new(Health {
                     down_since: None,
                     next_try: Instant::now(),
                 }),
+                id: process_id(),
+                live_workers: AtomicU32::new(0),
             }),
         }
+    }
+
+    /// Beats the fleet's heartbeat every [`HEARTBEAT_EVERY`] while any clone of the store lives,
+    /// keeping the count of live processes the fallback divides the limits by.
+    fn start_heartbeat(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        rt.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let store = RedisStore { inner };
+                store.beat().await;
+                drop(store);
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+            }
+        });
+    }
+
+    async fn beat(&self) {
+        let Some(mut conn) = self.inner.conn.get().cloned() else {
+            return;
+        };
+        let key = format!("{{{}}}workers", self.inner.prefix);
+        let ttl = u64::try_from((HEARTBEAT_EVERY * 3).as_millis()).unwrap_or(u64::MAX);
+        let mut inv = self.inner.scripts.heartbeat.prepare_invoke();
+        inv.key(key).arg(&self.inner.id).arg(ttl);
+        let beat = tokio::time::timeout(self.inner.timeout * 4, inv.invoke_async::<u32>(&mut conn));
+        if let Ok(Ok(n)) = beat.await {
+            self.inner.live_workers.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The processes the fallback divides each limit by: the configured count, or the fleet's
+    /// last counted size if larger (the safe side).
+    fn fallback_workers(&self, configured: u32) -> u32 {
+        configured.max(self.inner.live_workers.load(Ordering::Relaxed))
     }
 
     fn rebuild(&self, f: impl FnOnce(&mut Inner)) -> Self {
@@ -176,16 +235,21 @@ impl RedisStore {
             single_slot: i.single_slot,
             timeout: i.timeout,
             on_failure: i.on_failure,
-            fallback: MemoryStore::default(),
+            fallback: MemoryStore::starting_empty(MemoryStore::DEFAULT_MAX_PARTITIONS),
             health: Mutex::new(Health {
                 down_since: None,
                 next_try: Instant::now(),
             }),
+            id: process_id(),
+            live_workers: AtomicU32::new(0),
         };
         f(&mut inner);
-        Self {
+        let store = Self {
             inner: Arc::new(inner),
-        }
+        };
+        // The old state's heartbeat ends with it.
+        store.start_heartbeat();
+        store
     }
 
     /// The key prefix (default `tq:`): stores with different prefixes share nothing.
@@ -253,13 +317,15 @@ impl RedisStore {
                 );
                 h.down_since = Some(now);
                 h.next_try = now + RETRY_REDIS_AFTER;
+                // The fallback takes over from nothing: what it held from an earlier outage
+                // (full buckets by now) would be a fresh burst the fleet has already spent.
+                self.inner.fallback.clear();
             }
             (false, Some(_)) => h.next_try = now + RETRY_REDIS_AFTER,
             (true, None) => {}
         }
     }
 
-    /// Runs a Redis call under the timeout; `None` if it failed (the health is updated).
     /// The connection, made now if it was not yet (when Redis may be tried); `None` while Redis
     /// cannot be reached.
     async fn connection(&self) -> Option<ConnectionManager> {
@@ -446,7 +512,7 @@ impl BudgetStore for RedisStore {
             }
             match self.inner.on_failure {
                 OnFailure::Fallback { workers } => {
-                    let local = self.local_scopes(scopes, workers);
+                    let local = self.local_scopes(scopes, self.fallback_workers(workers));
                     Ok(self.inner.fallback.reserve_now(&local, cost))
                 }
                 // Nothing charged anywhere: nothing to settle later.
@@ -475,7 +541,7 @@ impl BudgetStore for RedisStore {
                 return Ok(());
             }
             if let OnFailure::Fallback { workers } = self.inner.on_failure {
-                let local = self.local_scopes(scopes, workers);
+                let local = self.local_scopes(scopes, self.fallback_workers(workers));
                 self.inner.fallback.adjust_now(&local, delta);
             }
             Ok(())
@@ -508,7 +574,7 @@ impl BudgetStore for RedisStore {
             inv.key(sk).key(lk).arg(&args[..]);
             if self.call::<i64>("learn", &inv).await.is_none() {
                 if let OnFailure::Fallback { workers } = self.inner.on_failure {
-                    let w = u64::from(workers.max(1));
+                    let w = u64::from(self.fallback_workers(workers).max(1));
                     let local: Vec<Learned> = learned
                         .iter()
                         .map(|l| Learned {

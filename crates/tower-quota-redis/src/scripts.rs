@@ -16,6 +16,18 @@
 //! unset), so changing them needs no migration. Replies are integers only: Lua numbers are doubles
 //! and Redis truncates them when it returns them.
 
+/// The fleet's heartbeat: KEYS[1] the workers' sorted set, ARGV[1] this process's id, ARGV[2] how
+/// long a member counts after its last beat (ms). Reply: the processes alive now.
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -210,6 +222,7 @@ return out
 
 /// The five scripts.
 pub(crate) struct Scripts {
+    pub(crate) heartbeat: redis::Script,
     pub(crate) reserve: redis::Script,
     pub(crate) adjust: redis::Script,
     pub(crate) cooldown: redis::Script,
@@ -221,6 +234,7 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         let s = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
         Self {
+            heartbeat: redis::Script::new(HEARTBEAT),
             reserve: s(RESERVE),
             adjust: s(ADJUST),
             cooldown: s(COOLDOWN),

@@ -179,7 +179,16 @@ async fn redis_down_falls_back_and_comes_back_on_its_own() {
         Admission::Granted { .. }
     ));
     server.stop();
-    // Redis is gone: the local fallback answers, with a quarter of the limit (4 workers).
+    // Redis is gone: the local fallback answers with a quarter of the limit (4 workers), and
+    // starts empty (no fresh burst at the switch): 25 a second from the switch on.
+    let first = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+    assert!(
+        matches!(first, Admission::Wait { retry_in, reason: WaitReason::Bucket(Bucket::Requests), .. }
+            if retry_in <= Duration::from_millis(40)),
+        "{first:?}"
+    );
+    assert!(!s.is_up());
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut granted = 0;
     for _ in 0..2000 {
         match s.reserve(&scopes, Cost::new(0, 0)).await.unwrap() {
@@ -188,8 +197,10 @@ async fn redis_down_falls_back_and_comes_back_on_its_own() {
             other => panic!("{other:?}"),
         }
     }
-    assert!(!s.is_up());
-    assert_eq!(granted, 1500, "the fallback holds 6000 / 4 as its burst");
+    assert!(
+        (20..=40).contains(&granted),
+        "{granted}: a second of 6000 / 4 a minute"
+    );
     server.restart().await;
     // Within a second or two (the retry interval, the reconnect), calls reach Redis again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -229,7 +240,11 @@ async fn a_stalled_redis_times_out_into_the_policy_and_recovers() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = tokio::time::Instant::now();
     let a = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
-    assert!(matches!(a, Admission::Granted { .. }), "{a:?}");
+    // The fallback answered (it starts empty: a wait of one request's refill).
+    assert!(
+        matches!(a, Admission::Wait { retry_in, .. } if retry_in <= Duration::from_millis(100)),
+        "{a:?}"
+    );
     assert!(
         t0.elapsed() < Duration::from_millis(300),
         "the timeout bounds the wait: {:?}",
@@ -290,6 +305,9 @@ async fn keys_carry_the_fingerprint_never_the_key() {
     assert!(!keys.is_empty());
     for k in &keys {
         assert!(!k.contains("secret"), "{k}");
+        if k.ends_with("workers") {
+            continue; // the fleet's heartbeat set: random process ids, no key
+        }
         assert!(
             k.contains(&format!("{{{p}}}")),
             "{k}: the partition's hash tag"
@@ -390,7 +408,13 @@ async fn a_store_starts_while_redis_is_down_and_reaches_it_later() {
         partition: PartitionKey::fingerprint(b"sk-late"),
         limits: Limits::new().rpm(600),
     }];
-    // The local fallback answers meanwhile.
+    // The local fallback answers meanwhile (starting empty: one request's refill away).
+    let a = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+    assert!(
+        matches!(a, Admission::Wait { retry_in, .. } if retry_in <= Duration::from_millis(100)),
+        "{a:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(
         s.reserve(&scopes, Cost::new(0, 0)).await.unwrap(),
         Admission::Granted { .. }
@@ -406,4 +430,68 @@ async fn a_store_starts_while_redis_is_down_and_reaches_it_later() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Issue 10, finding 3 (in part): two processes share a key (a burst of 60, 10 a second: at most
+/// 160 in any 10 s window); Redis dies for 5 s and comes back empty. Each fallback takes only its
+/// share (the fleet's size learned from the heartbeat, though each was configured for 1 worker)
+/// and starts empty (no fresh burst at the switch). The bound allows one burst of slack: the
+/// restarted, empty Redis hands out a full bucket (reseeding it is not done yet). Before: 340.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_stays_within_its_quota_while_redis_dies_and_returns() {
+    let mut server = RedisServer::start().await;
+    let a = RedisStore::connect(&server.url()).await.unwrap();
+    let b = RedisStore::connect(&server.url()).await.unwrap();
+    let limit = tower_quota::budget::Limit {
+        per_minute: 600,
+        burst: Some(60),
+    };
+    let scopes = [Scope {
+        partition: PartitionKey::fingerprint(b"sk-fleet"),
+        limits: Limits {
+            requests: Some(limit),
+            ..Limits::new()
+        },
+    }];
+    // Let the heartbeat count the fleet.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t0 = tokio::time::Instant::now();
+    let mut admitted = Vec::new();
+    let mut killed = false;
+    let mut restarted = false;
+    while t0.elapsed() < Duration::from_secs(17) {
+        let t = t0.elapsed();
+        if !killed && t >= Duration::from_secs(5) {
+            server.stop();
+            killed = true;
+        }
+        if !restarted && t >= Duration::from_secs(10) {
+            server.restart().await;
+            restarted = true;
+        }
+        for s in [&a, &b] {
+            if let Admission::Granted { .. } = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap() {
+                admitted.push(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let window = Duration::from_secs(10);
+    let most = admitted
+        .iter()
+        .map(|&start| {
+            admitted
+                .iter()
+                .filter(|&&t| t >= start && t < start + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(most <= 160 + 60 + 5, "{most} admitted in one 10 s window");
+    // The fleet kept working through the outage.
+    let during = admitted
+        .iter()
+        .filter(|&&t| t > Duration::from_millis(5500) && t < Duration::from_secs(10))
+        .count();
+    assert!(during >= 20, "{during} admitted during the outage");
 }

@@ -85,15 +85,18 @@ struct Partition {
     /// When the partition is indistinguishable from a fresh one (every bucket full, no cooldown):
     /// from then on it may be forgotten. Its key in [`Partitions::idle`].
     idle_at: Instant,
+    /// Its buckets start empty (a fallback store: no burst at the switch).
+    start_empty: bool,
 }
 
 impl Partition {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, start_empty: bool) -> Self {
         Self {
             levels: [None; 4],
             learned: [None; 4],
             cooldown_until: None,
             idle_at: now,
+            start_empty,
         }
     }
 
@@ -119,7 +122,13 @@ impl Partition {
         let slot = &mut self.levels[b as usize];
         match slot {
             Some(l) => l.relimit(limit, now),
-            None => *slot = Some(Level::full(limit, now)),
+            None => {
+                let mut l = Level::full(limit, now);
+                if self.start_empty {
+                    l.level = 0.0;
+                }
+                *slot = Some(l);
+            }
         }
         slot.as_mut()
     }
@@ -167,6 +176,7 @@ impl Partitions {
 pub struct MemoryStore {
     partitions: Mutex<Partitions>,
     max_partitions: usize,
+    start_empty: bool,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -193,7 +203,25 @@ impl MemoryStore {
         Self {
             partitions: Mutex::new(Partitions::default()),
             max_partitions: max_partitions.max(1),
+            start_empty: false,
         }
+    }
+
+    /// A store whose partitions start with empty buckets, refilling at their rate: for a
+    /// fallback that takes over from a shared store (`tower-quota-redis`), so the switch hands no
+    /// process a fresh burst the fleet has already spent.
+    pub fn starting_empty(max_partitions: usize) -> Self {
+        Self {
+            start_empty: true,
+            ..Self::new(max_partitions)
+        }
+    }
+
+    /// Forgets every partition (a fallback does, each time it takes over).
+    pub fn clear(&self) {
+        let mut parts = self.lock();
+        parts.map.clear();
+        parts.idle.clear();
     }
 
     /// Partitions tracked now.
@@ -234,7 +262,11 @@ impl MemoryStore {
                 parts.idle.insert((now, p));
             }
         }
-        Ok(parts.map.entry(p).or_insert_with(|| Partition::new(now)))
+        let start_empty = self.start_empty;
+        Ok(parts
+            .map
+            .entry(p)
+            .or_insert_with(|| Partition::new(now, start_empty)))
     }
 
     /// The synchronous reservation (the in-memory store never waits on anything).
