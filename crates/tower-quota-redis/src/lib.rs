@@ -26,9 +26,15 @@
 //!   sends one script call per wait, not a thousand.
 //! - **When Redis is slow or down**: every call has a short timeout (default 50 ms). On a failure
 //!   the store switches to its [`OnFailure`] policy: by default a local in-memory budget with each
-//!   limit divided by the expected number of workers; or admit everything (fail open); or refuse
-//!   (fail closed). It tries Redis again every second and switches back as soon as it answers.
-//!   Every switch is a `tracing` event.
+//!   limit divided by the number of processes sharing the key; or admit everything (fail open); or
+//!   refuse (fail closed). The number of processes is learned: every store beats a heartbeat set
+//!   in Redis each second, and the fallback divides by the larger of the configured count and the
+//!   last count it saw. The fallback starts empty at each switch, so no process takes a fresh
+//!   burst the fleet has already spent. It tries Redis again every second and switches back as
+//!   soon as it answers; a store can start while Redis is down. Every switch is a `tracing` event.
+//!   Not yet: reseeding a Redis that comes back empty (restarted, or `FLUSHALL`) from what the
+//!   fleet admitted meanwhile (it hands out one full bucket), and cancelling a reservation whose
+//!   call timed out but that Redis ran later (it is charged: the budget errs on the side of less).
 //!
 //! # Example
 //!
@@ -70,7 +76,8 @@ use tower_quota::partition::PartitionKey;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnFailure {
     /// Keep a local in-memory budget, each limit divided by `workers` (the processes expected to
-    /// share the key), so the fleet stays near the quota without Redis. The default, with 1 worker.
+    /// share the key) or by the fleet's size counted through Redis if that is larger, starting
+    /// empty, so the fleet stays within the quota without Redis. The default, with 1 worker.
     Fallback {
         /// How many processes share each key.
         workers: u32,
