@@ -32,9 +32,11 @@
 //!   last count it saw. The fallback starts empty at each switch, so no process takes a fresh
 //!   burst the fleet has already spent. It tries Redis again every second and switches back as
 //!   soon as it answers; a store can start while Redis is down. Every switch is a `tracing` event.
-//!   Not yet: reseeding a Redis that comes back empty (restarted, or `FLUSHALL`) from what the
-//!   fleet admitted meanwhile (it hands out one full bucket), and cancelling a reservation whose
-//!   call timed out but that Redis ran later (it is charged: the budget errs on the side of less).
+//!   What each process admitted on its fallback is charged to Redis when it answers again, so a
+//!   Redis that comes back (empty after a restart, or stale after a stall) learns what the fleet
+//!   spent meanwhile. Not yet: a `FLUSHALL` while Redis stays up (no process noticed an outage, so
+//!   none repays: it hands out one full bucket), and cancelling a reservation whose call timed out
+//!   but that Redis ran later (it is charged: the budget errs on the side of less).
 //!
 //! # Example
 //!
@@ -60,6 +62,7 @@ mod scripts;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
 use scripts::Scripts;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,7 +114,14 @@ struct Inner {
     id: String,
     /// The processes the heartbeat last counted (0: not known yet).
     live_workers: AtomicU32,
+    /// What this process admitted (and settled) on its fallback, not yet told to Redis: charged to
+    /// Redis when it answers again, so a Redis that comes back (empty after a restart, or stale
+    /// after a stall) learns what the fleet spent meanwhile.
+    debts: Mutex<HashMap<Vec<PartitionKey>, (Vec<Scope>, Delta)>>,
 }
+
+/// The most sets of scopes a fallback keeps debts for (beyond, new ones are not recorded).
+const MAX_DEBTS: usize = 10_000;
 
 #[derive(Debug)]
 struct Health {
@@ -190,6 +200,7 @@ impl RedisStore {
                 }),
                 id: process_id(),
                 live_workers: AtomicU32::new(0),
+                debts: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -226,6 +237,68 @@ impl RedisStore {
         }
     }
 
+    /// Records what the fallback admitted or settled for `scopes`, to be charged to Redis later.
+    fn owe(&self, scopes: &[Scope], delta: Delta) {
+        if delta.is_zero() {
+            return;
+        }
+        let key: Vec<PartitionKey> = scopes.iter().map(|s| s.partition).collect();
+        let mut debts = self.inner.debts.lock().unwrap_or_else(|e| e.into_inner());
+        if !debts.contains_key(&key) && debts.len() >= MAX_DEBTS {
+            return;
+        }
+        let (_, owed) = debts.entry(key).or_insert_with(|| {
+            (
+                scopes.to_vec(),
+                Delta {
+                    only: delta.only,
+                    ..Delta::default()
+                },
+            )
+        });
+        owed.requests = owed.requests.saturating_add(delta.requests);
+        owed.input_tokens = owed.input_tokens.saturating_add(delta.input_tokens);
+        owed.output_tokens = owed.output_tokens.saturating_add(delta.output_tokens);
+        owed.only = Charged(owed.only.0 | delta.only.0);
+    }
+
+    /// Charges Redis what the fallback admitted meanwhile (in the background: called as Redis
+    /// answers again).
+    fn repay(&self) {
+        let debts =
+            std::mem::take(&mut *self.inner.debts.lock().unwrap_or_else(|e| e.into_inner()));
+        if debts.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            for (_, (scopes, delta)) in debts {
+                if !store.redis_adjust(&scopes, delta).await {
+                    store.owe(&scopes, delta);
+                }
+            }
+        });
+    }
+
+    /// Applies `delta` in Redis; whether Redis took it.
+    async fn redis_adjust(&self, scopes: &[Scope], delta: Delta) -> bool {
+        let mut inv = self.inner.scripts.adjust.prepare_invoke();
+        for s in scopes {
+            let (sk, lk) = self.keys(s.partition);
+            inv.key(sk).key(lk);
+        }
+        inv.arg(scopes.len())
+            .arg(delta.requests)
+            .arg(delta.input_tokens)
+            .arg(delta.output_tokens)
+            .arg(delta.only.0)
+            .arg(Self::invoke_args(scopes));
+        self.call::<i64>("adjust", &inv).await.is_some()
+    }
+
     /// The processes the fallback divides each limit by: the configured count, or the fleet's
     /// last counted size if larger (the safe side).
     fn fallback_workers(&self, configured: u32) -> u32 {
@@ -249,6 +322,7 @@ impl RedisStore {
             }),
             id: process_id(),
             live_workers: AtomicU32::new(0),
+            debts: Mutex::new(HashMap::new()),
         };
         f(&mut inner);
         let store = Self {
@@ -314,6 +388,7 @@ impl RedisStore {
                     "budget store: Redis answers again, back to the shared budget"
                 );
                 h.down_since = None;
+                self.repay();
             }
             (false, None) => {
                 tracing::warn!(
@@ -520,7 +595,17 @@ impl BudgetStore for RedisStore {
             match self.inner.on_failure {
                 OnFailure::Fallback { workers } => {
                     let local = self.local_scopes(scopes, self.fallback_workers(workers));
-                    Ok(self.inner.fallback.reserve_now(&local, cost))
+                    let answer = self.inner.fallback.reserve_now(&local, cost);
+                    if let Admission::Granted { charged } = answer {
+                        self.owe(
+                            scopes,
+                            Delta {
+                                only: charged,
+                                ..Delta::between(Cost::default(), cost)
+                            },
+                        );
+                    }
+                    Ok(answer)
                 }
                 // Nothing charged anywhere: nothing to settle later.
                 OnFailure::FailOpen => Ok(Admission::Granted {
@@ -533,23 +618,13 @@ impl BudgetStore for RedisStore {
 
     fn adjust<'a>(&'a self, scopes: &'a [Scope], delta: Delta) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut inv = self.inner.scripts.adjust.prepare_invoke();
-            for s in scopes {
-                let (sk, lk) = self.keys(s.partition);
-                inv.key(sk).key(lk);
-            }
-            inv.arg(scopes.len())
-                .arg(delta.requests)
-                .arg(delta.input_tokens)
-                .arg(delta.output_tokens)
-                .arg(delta.only.0)
-                .arg(Self::invoke_args(scopes));
-            if self.call::<i64>("adjust", &inv).await.is_some() {
+            if self.redis_adjust(scopes, delta).await {
                 return Ok(());
             }
             if let OnFailure::Fallback { workers } = self.inner.on_failure {
                 let local = self.local_scopes(scopes, self.fallback_workers(workers));
                 self.inner.fallback.adjust_now(&local, delta);
+                self.owe(scopes, delta);
             }
             Ok(())
         })

@@ -434,9 +434,11 @@ async fn a_store_starts_while_redis_is_down_and_reaches_it_later() {
 
 /// Issue 10, finding 3 (in part): two processes share a key (a burst of 60, 10 a second: at most
 /// 160 in any 10 s window); Redis dies for 5 s and comes back empty. Each fallback takes only its
-/// share (the fleet's size learned from the heartbeat, though each was configured for 1 worker)
-/// and starts empty (no fresh burst at the switch). The bound allows one burst of slack: the
-/// restarted, empty Redis hands out a full bucket (reseeding it is not done yet). Before: 340.
+/// share (the fleet's size learned from the heartbeat, though each was configured for 1 worker),
+/// starts empty (no fresh burst at the switch), and what it admitted is charged to Redis when it
+/// answers again (the restarted, empty Redis learns what the fleet spent). Slack: 5 requests for
+/// the moments between Redis's return and the repayment. Before: 339 (and 225 without the
+/// repayment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_stays_within_its_quota_while_redis_dies_and_returns() {
     let mut server = RedisServer::start().await;
@@ -487,7 +489,7 @@ async fn a_fleet_stays_within_its_quota_while_redis_dies_and_returns() {
         })
         .max()
         .unwrap_or(0);
-    assert!(most <= 160 + 60 + 5, "{most} admitted in one 10 s window");
+    assert!(most <= 160 + 5, "{most} admitted in one 10 s window");
     // The fleet kept working through the outage.
     let during = admitted
         .iter()
