@@ -83,6 +83,18 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process without killing it (`SIGSTOP`: a stalled server), or lets it go on
+    /// (`SIGCONT`).
+    pub(crate) fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} failed");
+        }
+    }
+
     /// Starts it again on the same port (empty: no persistence).
     pub(crate) async fn restart(&mut self) {
         self.stop();
