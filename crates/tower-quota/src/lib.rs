@@ -14,9 +14,12 @@
 //! | [`budget::TokenBudgetLayer`] | requests, input tokens and output tokens per minute: reserve, wait in FIFO order, settle with the real usage, learn from the headers |
 //!
 //! They share one parser of server signals ([`signals`]) and one judgement of results
-//! ([`classify`]); requests are keyed by [`partition`] (a fingerprint of the API key, never the
-//! key). [`Preset::anthropic`] builds the recommended stack in one expression; the
-//! [`builder`] module explains the order.
+//! ([`classify`]); requests are keyed by [`partition`] (a SHA-256 fingerprint of the API key,
+//! never the key). The partitioner, the classifier and the wall clock are configured once, in a
+//! [`QuotaContext`], for every layer. The layers tell each other "come back at T" through
+//! [`hint::RetryAt`]; their errors share the conventions of [`error`] (one [`retry_at`] for all);
+//! request bodies they replay or read are [`body::InMemoryBody`]. [`Preset::anthropic`] builds
+//! the recommended stack in one expression; the [`builder`] module explains the order.
 //!
 //! # Example
 //!
