@@ -123,28 +123,28 @@ impl QuotaContext {
 
     /// The partition of `req`: computed once per request and cached in its extensions.
     pub(crate) fn partition<B>(&self, req: &mut Request<B>) -> PartitionKey {
-        let by = identity(&self.partitioner);
-        if let Some((made_by, key)) = req.extensions().get::<Stamp>().and_then(|s| s.partition) {
-            if made_by == by {
-                return key;
-            }
+        if let Some(key) = self.cached_partition(req) {
+            return key;
         }
         let key = self.partitioner.partition(req.headers(), req.extensions());
         req.extensions_mut()
             .get_or_insert_default::<Stamp>()
-            .partition = Some((by, key));
+            .partition = Some((identity(&self.partitioner), key));
         key
+    }
+
+    /// The partition this context's partitioner gave `req` already, if any.
+    fn cached_partition<B>(&self, req: &Request<B>) -> Option<PartitionKey> {
+        let (made_by, key) = req.extensions().get::<Stamp>()?.partition?;
+        (made_by == identity(&self.partitioner)).then_some(key)
     }
 
     /// The partition of `req`, read from the cache if a layer above computed it, else computed
     /// and not cached: for the innermost layer (the Retry-After gate), where no layer below would
     /// read it and the cache would cost an allocation per request.
     pub(crate) fn partition_here<B>(&self, req: &Request<B>) -> PartitionKey {
-        let by = identity(&self.partitioner);
-        match req.extensions().get::<Stamp>().and_then(|s| s.partition) {
-            Some((made_by, key)) if made_by == by => key,
-            _ => self.partitioner.partition(req.headers(), req.extensions()),
-        }
+        self.cached_partition(req)
+            .unwrap_or_else(|| self.partitioner.partition(req.headers(), req.extensions()))
     }
 
     /// The judgement of `res`. Not cached: a classifier is a pure function of the status and

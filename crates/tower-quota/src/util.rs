@@ -7,6 +7,11 @@ use std::task::{Context, Poll, ready};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+/// Far enough to mean "never in this process's lifetime", short enough for every clock to hold:
+/// what a wait that would overflow an instant saturates to.
+pub(crate) const FAR_FUTURE: std::time::Duration =
+    std::time::Duration::from_secs(30 * 365 * 86_400);
+
 /// The layers' random source: seeded for reproducible runs, else from the OS.
 pub(crate) fn small_rng(seed: Option<u64>) -> rand::rngs::SmallRng {
     use rand::SeedableRng;

@@ -75,9 +75,6 @@ pin_project! {
     }
 }
 
-/// Far enough to mean "never in this process's lifetime", short enough for every clock to hold.
-const FAR_FUTURE: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
-
 /// Where a request holding in the budget is.
 #[derive(Clone, Copy, Debug)]
 enum Phase {
@@ -311,7 +308,8 @@ where
                             );
                             let now = Instant::now();
                             *this.phase = Phase::Waiting(
-                                now.checked_add(retry_in).unwrap_or(now + FAR_FUTURE),
+                                now.checked_add(retry_in)
+                                    .unwrap_or(now + crate::util::FAR_FUTURE),
                             );
                         }
                     }

@@ -75,12 +75,19 @@ pub(crate) struct Limiter {
     owing: AtomicBool,
 }
 
-impl Limiter {
-    pub(crate) fn new(policy: LimitKind) -> Arc<Self> {
-        let initial = match policy {
+impl LimitKind {
+    /// The limit a limiter starts at (an adaptive one's `initial`, within its bounds).
+    fn initial(self) -> usize {
+        match self {
             LimitKind::Fixed(n) => n,
             LimitKind::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
-        };
+        }
+    }
+}
+
+impl Limiter {
+    pub(crate) fn new(policy: LimitKind) -> Arc<Self> {
+        let initial = policy.initial();
         Arc::new(Self {
             sem: Arc::new(Semaphore::new(initial)),
             policy,
@@ -132,10 +139,7 @@ impl Limiter {
     /// Whether the limiter is as good as a new one: nothing held or waiting, and its limit back
     /// where it starts (so forgetting it forgets nothing it learned).
     pub(crate) fn is_fresh(&self) -> bool {
-        let initial = match self.policy {
-            LimitKind::Fixed(n) => n,
-            LimitKind::Aimd(a) => a.initial.clamp(a.min.max(1), a.max.max(1)),
-        };
+        let initial = self.policy.initial();
         self.in_flight.load(Ordering::SeqCst) == 0
             && self.queued.load(Ordering::SeqCst) == 0
             && self.limit() == initial

@@ -18,9 +18,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Far enough to mean "not in this process's lifetime", short enough for every clock to hold.
-const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
-
 /// One partition's gate.
 #[derive(Debug)]
 struct Gate {
@@ -39,6 +36,20 @@ struct Gate {
     notify: Arc<Notify>,
     /// Requests waiting at it (closed, or for a probe's answer).
     waiters: usize,
+}
+
+impl Gate {
+    /// A gate closed until `until`, reopening with `window` probes (0: fully open).
+    fn new(until: Instant, window: u32) -> Self {
+        Self {
+            until,
+            window,
+            probes: 0,
+            strikes: 0,
+            notify: Arc::new(Notify::new()),
+            waiters: 0,
+        }
+    }
 }
 
 /// The window past which a reopening gate is fully open.
@@ -220,14 +231,7 @@ impl Shared {
     fn strike(&self, p: PartitionKey, now: Instant) -> u32 {
         let mut gates = self.lock();
         self.sweep(&mut gates, now);
-        let g = gates.entry(p).or_insert_with(|| Gate {
-            until: now,
-            window: 0,
-            probes: 0,
-            strikes: 0,
-            notify: Arc::new(Notify::new()),
-            waiters: 0,
-        });
+        let g = gates.entry(p).or_insert_with(|| Gate::new(now, 0));
         // 429s that were in flight together count once: only one that arrives while the gate is
         // open strikes again.
         if g.until <= now || g.strikes == 0 {
@@ -254,14 +258,7 @@ impl Shared {
     fn close(&self, p: PartitionKey, at: Instant, now: Instant) -> Instant {
         let mut gates = self.lock();
         self.sweep(&mut gates, now);
-        let g = gates.entry(p).or_insert_with(|| Gate {
-            until: at,
-            window: 1,
-            probes: 0,
-            strikes: 0,
-            notify: Arc::new(Notify::new()),
-            waiters: 0,
-        });
+        let g = gates.entry(p).or_insert_with(|| Gate::new(at, 1));
         g.until = g.until.max(at);
         g.window = 1;
         g.until
@@ -322,7 +319,9 @@ impl Shared {
                 None => return (outcome, false),
             },
         };
-        let at = received.checked_add(delay).unwrap_or(received + FAR_FUTURE);
+        let at = received
+            .checked_add(delay)
+            .unwrap_or(received + crate::util::FAR_FUTURE);
         let until = self.close(p, at, received);
         tracing::debug!(
             partition = %p,

@@ -74,9 +74,6 @@ const EPSILON: f64 = 1e-6;
 /// The shortest wait reported: a wait of zero would spin.
 const MIN_WAIT: Duration = Duration::from_millis(1);
 
-/// Far enough to mean "never in this process's lifetime", short enough for every clock to hold.
-const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
-
 #[derive(Debug)]
 struct Partition {
     levels: [Option<Level>; 4],
@@ -102,7 +99,7 @@ impl Partition {
 
     /// When the partition will be idle, as its state stands now.
     fn compute_idle_at(&self, now: Instant) -> Instant {
-        let never = now + FAR_FUTURE;
+        let never = now + crate::util::FAR_FUTURE;
         let mut at = self.cooldown_until.unwrap_or(now);
         for l in self.levels.iter().flatten() {
             at = at.max(l.full_at().unwrap_or(never).min(never));
@@ -255,7 +252,7 @@ impl MemoryStore {
                         parts.map.remove(&oldest);
                     }
                     Some((at, _)) => return Err(at - now),
-                    None => return Err(FAR_FUTURE),
+                    None => return Err(crate::util::FAR_FUTURE),
                 }
             }
             if p != PartitionKey::GLOBAL {
@@ -442,7 +439,9 @@ impl MemoryStore {
             tracing::debug!(partition = %partition, "budget: store full, cooldown dropped");
             return;
         };
-        let until = now.checked_add(duration).unwrap_or(now + FAR_FUTURE);
+        let until = now
+            .checked_add(duration)
+            .unwrap_or(now + crate::util::FAR_FUTURE);
         part.cooldown_until = Some(part.cooldown_until.map_or(until, |t| t.max(until)));
         parts.touched(partition, now);
     }
