@@ -120,6 +120,29 @@ struct Inner {
     debts: Mutex<HashMap<Vec<PartitionKey>, (Vec<Scope>, Delta)>>,
 }
 
+impl Inner {
+    /// The default settings and a fresh state over `conn` (or a connection made from `client`).
+    fn fresh(conn: tokio::sync::OnceCell<ConnectionManager>, client: Option<Client>) -> Self {
+        Self {
+            conn,
+            client,
+            scripts: Scripts::new(),
+            prefix: "tq:".to_owned(),
+            single_slot: false,
+            timeout: RedisStore::DEFAULT_TIMEOUT,
+            on_failure: OnFailure::Fallback { workers: 1 },
+            fallback: MemoryStore::starting_empty(MemoryStore::DEFAULT_MAX_PARTITIONS),
+            health: Mutex::new(Health {
+                down_since: None,
+                next_try: Instant::now(),
+            }),
+            id: process_id(),
+            live_workers: AtomicU32::new(0),
+            debts: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
 /// The most sets of scopes a fallback keeps debts for (beyond, new ones are not recorded).
 const MAX_DEBTS: usize = 10_000;
 
@@ -185,23 +208,7 @@ impl RedisStore {
 
     fn build(conn: tokio::sync::OnceCell<ConnectionManager>, client: Option<Client>) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                conn,
-                client,
-                scripts: Scripts::new(),
-                prefix: "tq:".to_owned(),
-                single_slot: false,
-                timeout: Self::DEFAULT_TIMEOUT,
-                on_failure: OnFailure::Fallback { workers: 1 },
-                fallback: MemoryStore::starting_empty(MemoryStore::DEFAULT_MAX_PARTITIONS),
-                health: Mutex::new(Health {
-                    down_since: None,
-                    next_try: Instant::now(),
-                }),
-                id: process_id(),
-                live_workers: AtomicU32::new(0),
-                debts: Mutex::new(HashMap::new()),
-            }),
+            inner: Arc::new(Inner::fresh(conn, client)),
         }
     }
 
@@ -283,13 +290,18 @@ impl RedisStore {
         });
     }
 
-    /// Applies `delta` in Redis; whether Redis took it.
-    async fn redis_adjust(&self, scopes: &[Scope], delta: Delta) -> bool {
-        let mut inv = self.inner.scripts.adjust.prepare_invoke();
+    /// Adds the state and learned-limits keys of every scope to a script call.
+    fn scope_keys(&self, inv: &mut redis::ScriptInvocation<'_>, scopes: &[Scope]) {
         for s in scopes {
             let (sk, lk) = self.keys(s.partition);
             inv.key(sk).key(lk);
         }
+    }
+
+    /// Applies `delta` in Redis; whether Redis took it.
+    async fn redis_adjust(&self, scopes: &[Scope], delta: Delta) -> bool {
+        let mut inv = self.inner.scripts.adjust.prepare_invoke();
+        self.scope_keys(&mut inv, scopes);
         inv.arg(scopes.len())
             .arg(delta.requests)
             .arg(delta.input_tokens)
@@ -307,23 +319,12 @@ impl RedisStore {
 
     fn rebuild(&self, f: impl FnOnce(&mut Inner)) -> Self {
         let i = &self.inner;
-        let mut inner = Inner {
-            conn: i.conn.clone(),
-            client: i.client.clone(),
-            scripts: Scripts::new(),
-            prefix: i.prefix.clone(),
-            single_slot: i.single_slot,
-            timeout: i.timeout,
-            on_failure: i.on_failure,
-            fallback: MemoryStore::starting_empty(MemoryStore::DEFAULT_MAX_PARTITIONS),
-            health: Mutex::new(Health {
-                down_since: None,
-                next_try: Instant::now(),
-            }),
-            id: process_id(),
-            live_workers: AtomicU32::new(0),
-            debts: Mutex::new(HashMap::new()),
-        };
+        // The settings carry over; the state (health, fallback, debts, heartbeat) starts afresh.
+        let mut inner = Inner::fresh(i.conn.clone(), i.client.clone());
+        inner.prefix = i.prefix.clone();
+        inner.single_slot = i.single_slot;
+        inner.timeout = i.timeout;
+        inner.on_failure = i.on_failure;
         f(&mut inner);
         let store = Self {
             inner: Arc::new(inner),
@@ -493,10 +494,7 @@ impl RedisStore {
 
     async fn redis_reserve(&self, scopes: &[Scope], cost: Cost) -> Option<Admission> {
         let mut inv = self.inner.scripts.reserve.prepare_invoke();
-        for s in scopes {
-            let (sk, lk) = self.keys(s.partition);
-            inv.key(sk).key(lk);
-        }
+        self.scope_keys(&mut inv, scopes);
         inv.arg(scopes.len())
             .arg(cost.requests)
             .arg(cost.input_tokens)
