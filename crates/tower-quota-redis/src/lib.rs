@@ -34,9 +34,15 @@
 //!   soon as it answers; a store can start while Redis is down. Every switch is a `tracing` event.
 //!   What each process admitted on its fallback is charged to Redis when it answers again, so a
 //!   Redis that comes back (empty after a restart, or stale after a stall) learns what the fleet
-//!   spent meanwhile. Not yet: a `FLUSHALL` while Redis stays up (no process noticed an outage, so
-//!   none repays: it hands out one full bucket), and cancelling a reservation whose call timed out
-//!   but that Redis ran later (it is charged: the budget errs on the side of less).
+//!   spent meanwhile. Not yet: cancelling a reservation whose call timed out but that Redis ran
+//!   later (it is charged: the budget errs on the side of less).
+//! - **When Redis loses the state while it stays up** (`FLUSHALL`, or a restart no process
+//!   noticed): a partition's state outlives its last write by 15 minutes at least, and each call
+//!   tells the script which of its partitions this process wrote within the last 10. A state that
+//!   is gone though this process wrote it recently was lost, not expired: it comes back with every
+//!   bucket empty and refills at the limit's rate, instead of handing the fleet a fresh burst it
+//!   has already spent. (A process that never wrote the partition cannot tell, and takes it as
+//!   new: at most one burst of slack, when a process joins right after a flush.)
 //!
 //! # Example
 //!
@@ -114,6 +120,10 @@ struct Inner {
     id: String,
     /// The processes the heartbeat last counted (0: not known yet).
     live_workers: AtomicU32,
+    /// When this process last wrote each partition's state in Redis: a state that is gone though
+    /// it was written within [`scripts::KNOWN_FOR`] was lost by Redis (`FLUSHALL`, a restart
+    /// without persistence), and comes back empty instead of full.
+    known: Mutex<HashMap<PartitionKey, Instant>>,
     /// What this process admitted (and settled) on its fallback, not yet told to Redis: charged to
     /// Redis when it answers again, so a Redis that comes back (empty after a restart, or stale
     /// after a stall) learns what the fleet spent meanwhile.
@@ -138,6 +148,7 @@ impl Inner {
             }),
             id: process_id(),
             live_workers: AtomicU32::new(0),
+            known: Mutex::new(HashMap::new()),
             debts: Mutex::new(HashMap::new()),
         }
     }
@@ -145,6 +156,10 @@ impl Inner {
 
 /// The most sets of scopes a fallback keeps debts for (beyond, new ones are not recorded).
 const MAX_DEBTS: usize = 10_000;
+
+/// The most partitions a process remembers writing (beyond, a new one is not remembered: if Redis
+/// loses its state, it comes back full, as it would for a process that never wrote it).
+const MAX_KNOWN: usize = 10_000;
 
 #[derive(Debug)]
 struct Health {
@@ -290,6 +305,44 @@ impl RedisStore {
         });
     }
 
+    /// The mask of `scopes` this process wrote within [`scripts::KNOWN_FOR`] (bit s for scope s).
+    fn known_mask(&self, scopes: &[Scope]) -> u64 {
+        let known = self.inner.known.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let fresh = Duration::from_millis(scripts::KNOWN_FOR);
+        scopes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                known
+                    .get(&s.partition)
+                    .is_some_and(|&at| now.saturating_duration_since(at) < fresh)
+            })
+            .fold(0, |mask, (i, _)| mask | (1 << i))
+    }
+
+    /// Remembers that this process wrote the state of `partitions` in Redis just now.
+    fn wrote(&self, partitions: impl IntoIterator<Item = PartitionKey>) {
+        let mut known = self.inner.known.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for p in partitions {
+            if known.len() >= MAX_KNOWN && !known.contains_key(&p) {
+                let fresh = Duration::from_millis(scripts::KNOWN_FOR);
+                known.retain(|_, &mut at| now.saturating_duration_since(at) < fresh);
+                if known.len() >= MAX_KNOWN {
+                    continue;
+                }
+            }
+            known.insert(p, now);
+        }
+    }
+
+    /// Ends a script call's arguments as every script but the heartbeat expects: how long a state
+    /// outlives its last write, and the mask of the scopes this process knows.
+    fn tail(&self, inv: &mut redis::ScriptInvocation<'_>, scopes: &[Scope]) {
+        inv.arg(scripts::KEEP).arg(self.known_mask(scopes));
+    }
+
     /// Adds the state and learned-limits keys of every scope to a script call.
     fn scope_keys(&self, inv: &mut redis::ScriptInvocation<'_>, scopes: &[Scope]) {
         for s in scopes {
@@ -308,6 +361,7 @@ impl RedisStore {
             .arg(delta.output_tokens)
             .arg(delta.only.0)
             .arg(Self::invoke_args(scopes));
+        self.tail(&mut inv, scopes);
         self.call::<i64>("adjust", &inv).await.is_some()
     }
 
@@ -484,6 +538,14 @@ impl RedisStore {
             .collect()
     }
 
+    /// A scope of `partition` alone, for the scripts of one partition.
+    fn bare(partition: PartitionKey) -> Scope {
+        Scope {
+            partition,
+            limits: Limits::new(),
+        }
+    }
+
     fn invoke_args(scopes: &[Scope]) -> Vec<u64> {
         let mut v = Vec::with_capacity(8 * scopes.len());
         for s in scopes {
@@ -500,8 +562,20 @@ impl RedisStore {
             .arg(cost.input_tokens)
             .arg(cost.output_tokens)
             .arg(Self::invoke_args(scopes));
+        self.tail(&mut inv, scopes);
         let reply: Vec<i64> = self.call("reserve", &inv).await?;
-        Some(decode_admission(&reply, scopes))
+        let admission = decode_admission(&reply, scopes);
+        if let Admission::Granted { charged } = admission {
+            // The scopes with a charged bucket now have a state in Redis.
+            self.wrote(
+                scopes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| (charged.0 >> (4 * i)) & 0xf != 0)
+                    .map(|(_, s)| s.partition),
+            );
+        }
+        Some(admission)
     }
 }
 
@@ -634,8 +708,11 @@ impl BudgetStore for RedisStore {
             let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX / 2);
             let mut inv = self.inner.scripts.cooldown.prepare_invoke();
             inv.key(sk).arg(us);
+            self.tail(&mut inv, &[Self::bare(partition)]);
             if self.call::<i64>("cooldown", &inv).await.is_none() {
                 self.inner.fallback.cooldown(partition, duration).await?;
+            } else {
+                self.wrote([partition]);
             }
             Ok(())
         })
@@ -652,6 +729,7 @@ impl BudgetStore for RedisStore {
             }
             let mut inv = self.inner.scripts.learn.prepare_invoke();
             inv.key(sk).key(lk).arg(&args[..]);
+            self.tail(&mut inv, &[Self::bare(partition)]);
             if self.call::<i64>("learn", &inv).await.is_none() {
                 if let OnFailure::Fallback { workers } = self.inner.on_failure {
                     let w = u64::from(self.fallback_workers(workers).max(1));
@@ -679,6 +757,7 @@ impl BudgetStore for RedisStore {
             let (sk, lk) = self.keys(partition);
             let mut inv = self.inner.scripts.snapshot.prepare_invoke();
             inv.key(sk).key(lk).arg(&limit_args(&limits)[..]);
+            self.tail(&mut inv, &[Self::bare(partition)]);
             let Some(r) = self.call::<Vec<i64>>("snapshot", &inv).await else {
                 return self.inner.fallback.snapshot(partition, limits).await;
             };

@@ -8,12 +8,19 @@
 //! `tower_quota::budget::Bucket::ALL`: 0 requests, 1 tokens, 2 input tokens, 3 output tokens.
 //!
 //! Keys: per partition, a state hash `{prefix}{<fingerprint>}:s` (fields `t<b>`, `i<b>` the interval
-//! in microseconds, `c<b>` the capacity, `cd` the cooldown's end) whose TTL is the time until every
-//! bucket is full again, and a hash of learned limits `{prefix}{<fingerprint>}:l` (fields `l<b>`,
+//! in microseconds, `c<b>` the capacity, `cd` the cooldown's end, `z` the moment every bucket
+//! without a `t<b>` was last known empty) whose TTL is the time until every bucket is full again
+//! and at least [`KEEP`] after its last write, and a hash of learned limits `{prefix}{<fingerprint>}:l` (fields `l<b>`,
 //! TTL one hour). The braces make the partition's keys share a hash slot (cluster-safe).
 //!
 //! Limits travel with every call (per scope: per-minute limit and capacity for each bucket, 0 for
-//! unset), so changing them needs no migration. Replies are integers only: Lua numbers are doubles
+//! unset), so changing them needs no migration.
+//!
+//! A state that vanished while a process still counts on it (`FLUSHALL`, a restart without
+//! persistence) is not taken as full: each call says which of its scopes the process wrote within
+//! [`KNOWN_FOR`] (shorter than [`KEEP`], so such a state cannot have expired on its own), and a
+//! missing state of a known scope is recreated empty (`z` = now): it refills from nothing, at the
+//! limit's rate. Redis has lost what the fleet spent; the safe side is to assume it spent it all. Replies are integers only: Lua numbers are doubles
 //! and Redis truncates them when it returns them.
 
 /// The fleet's heartbeat: KEYS[1] the workers' sorted set, ARGV[1] this process's id, ARGV[2] how
@@ -28,16 +35,39 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return redis.call('ZCARD', KEYS[1])
 "#;
 
+/// What the scripts but the heartbeat share. Each ends its arguments with [`KEEP`] and the mask of
+/// the scopes the caller knows (bit s for scope s: written by this process within [`KNOWN_FOR`]).
+///
+/// How long a partition's state outlives its last write (ms), at least.
+pub(crate) const KEEP: u64 = 15 * 60 * 1000;
+
+/// How long after its last write a process takes a partition's state as still in Redis (ms):
+/// shorter than [`KEEP`] by a margin for the clocks.
+pub(crate) const KNOWN_FOR: u64 = 10 * 60 * 1000;
+
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local EPS = 1e-6
+local KEEP = tonumber(ARGV[#ARGV - 1])
 
-local function state(key)
+-- The state hash; `known` says the caller wrote it recently, so if it is gone Redis lost it
+-- (FLUSHALL, a restart without persistence): it comes back with every bucket empty now.
+local function state(key, known)
   local raw = redis.call('HGETALL', key)
   local st = {}
   for i = 1, #raw, 2 do st[raw[i]] = tonumber(raw[i + 1]) end
+  if #raw == 0 and known then
+    st['z'] = now
+    redis.call('HSET', key, 'z', string.format('%.0f', now))
+    redis.call('PEXPIRE', key, KEEP)
+  end
   return st
+end
+
+-- Whether scope s (from 0) is in the caller's mask of known scopes (the last argument).
+local function known(s)
+  return math.floor(tonumber(ARGV[#ARGV]) / 2 ^ s) % 2 == 1
 end
 
 -- The limit of bucket b: configured (per minute, capacity), else learned, else nil.
@@ -51,10 +81,16 @@ local function limit(lk, pm, cap, b)
   return pm, cap
 end
 
--- Units used in bucket b under interval T (the limit may have changed: what was used stays used).
-local function used(st, b, T)
-  local tat = st['t' .. b] or 0
+-- Units used in bucket b of capacity cap under interval T (the limit may have changed: what was
+-- used stays used). A bucket never written since its state was recreated empty refills from `z`.
+local function used(st, b, T, cap)
+  local tat = st['t' .. b]
   local oldT = st['i' .. b] or T
+  if tat == nil then
+    if st['z'] == nil then return 0 end
+    tat = st['z'] + cap * T
+    oldT = T
+  end
   if tat <= now or oldT <= 0 then return 0 end
   return (tat - now) / oldT
 end
@@ -67,14 +103,16 @@ local function set(sk, st, b, T, cap, u)
   redis.call('HSET', sk, 't' .. b, string.format('%.3f', st['t' .. b]), 'i' .. b, string.format('%.6f', T), 'c' .. b, cap)
 end
 
--- The state key lives until every bucket is full and the cooldown is over.
+-- The state key lives until every bucket is full and the cooldown is over, and at least KEEP.
 local function expire(sk, st)
   local horizon = (st['cd'] or 0) - now
   for b = 0, 3 do
     local tat = st['t' .. b]
     if tat and tat - now > horizon then horizon = tat - now end
   end
-  redis.call('PEXPIRE', sk, math.floor(horizon / 1000) + 1000)
+  local ms = math.floor(horizon / 1000) + 1000
+  if ms < KEEP then ms = KEEP end
+  redis.call('PEXPIRE', sk, ms)
 end
 "#;
 
@@ -93,7 +131,7 @@ local wait, wreason, wscope = 0, 0, 0
 local plans = {}
 for s = 0, n - 1 do
   local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
-  local st = state(sk)
+  local st = state(sk, known(s))
   local plan = {sk = sk, st = st, buckets = {}}
   local cd = st['cd'] or 0
   if cd - now > wait then wait = cd - now; wreason = 4; wscope = s end
@@ -103,7 +141,7 @@ for s = 0, n - 1 do
       local T = 60000000 / pm
       local q = need(b)
       if q > cap then return {2, 0, b, s, q, cap, 0} end
-      local u = used(st, b, T)
+      local u = used(st, b, T, cap)
       local missing = u + q - cap
       if missing > EPS and missing * T > wait then wait = missing * T; wreason = b; wscope = s end
       table.insert(plan.buckets, {b = b, T = T, cap = cap, u = u + q})
@@ -140,14 +178,14 @@ local function delta(b)
 end
 for s = 0, n - 1 do
   local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
-  local st = state(sk)
+  local st = state(sk, known(s))
   for b = 0, 3 do
     local bit = 2 ^ (4 * s + b)
     if math.floor(mask / bit) % 2 == 1 then
       local pm, cap = limit(lk, tonumber(ARGV[6 + s * 8 + 2 * b]), tonumber(ARGV[7 + s * 8 + 2 * b]), b)
       if pm then
         local T = 60000000 / pm
-        set(sk, st, b, T, cap, used(st, b, T) + delta(b))
+        set(sk, st, b, T, cap, used(st, b, T, cap) + delta(b))
       end
     end
   end
@@ -158,7 +196,7 @@ return 0
 
 /// KEYS: the state key. ARGV: the cooldown in µs. Extends the partition's cooldown.
 const COOLDOWN: &str = r#"
-local st = state(KEYS[1])
+local st = state(KEYS[1], known(0))
 local until_ = now + tonumber(ARGV[1])
 if until_ > (st['cd'] or 0) then
   st['cd'] = until_
@@ -172,7 +210,7 @@ return 0
 /// stored; a remaining count pulls the bucket down to it, never up.
 const LEARN: &str = r#"
 local sk, lk = KEYS[1], KEYS[2]
-local st = state(sk)
+local st = state(sk, known(0))
 for b = 0, 3 do
   local l = tonumber(ARGV[1 + 2 * b])
   local r = tonumber(ARGV[2 + 2 * b])
@@ -188,7 +226,7 @@ for b = 0, 3 do
       if learned then T = 60000000 / tonumber(learned); cap = tonumber(learned) end
     end
     if T then
-      local u = used(st, b, T)
+      local u = used(st, b, T, cap)
       if cap - r > u then set(sk, st, b, T, cap, cap - r) end
     end
   end
@@ -201,14 +239,14 @@ return 0
 /// level in thousandths, capacity}, then the cooldown left in µs.
 const SNAPSHOT: &str = r#"
 local sk, lk = KEYS[1], KEYS[2]
-local st = state(sk)
+local st = state(sk, known(0))
 local out = {}
 for b = 0, 3 do
   local pm, cap = limit(lk, tonumber(ARGV[1 + 2 * b]), tonumber(ARGV[2 + 2 * b]), b)
   if pm then
     local T = 60000000 / pm
     table.insert(out, 1)
-    table.insert(out, math.floor((cap - used(st, b, T)) * 1000 + 0.5))
+    table.insert(out, math.floor((cap - used(st, b, T, cap)) * 1000 + 0.5))
     table.insert(out, cap)
   else
     table.insert(out, 0); table.insert(out, 0); table.insert(out, 0)

@@ -313,13 +313,15 @@ async fn keys_carry_the_fingerprint_never_the_key() {
             "{k}: the partition's hash tag"
         );
     }
-    // The state key expires when the bucket is full again (a request of 10/min: 6 s).
+    // The state key outlives its last write by 15 minutes (the bucket is full again after 6 s: a
+    // request of 10/min), so a process that wrote it within 10 minutes can tell a state Redis lost
+    // (FLUSHALL) from one that expired.
     let ttl: i64 = redis::cmd("PTTL")
         .arg(format!("tq:{{{p}}}:s"))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!((6_000..=8_000).contains(&ttl), "{ttl}");
+    assert!((895_000..=900_000).contains(&ttl), "{ttl}");
     assert!(!format!("{s:?}").contains("secret"));
 }
 
@@ -446,6 +448,8 @@ enum Fault {
     KillRestart,
     /// Stopped (`SIGSTOP`: a stalled server), then let go on (`SIGCONT`), state intact.
     Stall,
+    /// Emptied (`FLUSHALL`) while it stays up: no process sees an outage.
+    Flush,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,6 +462,15 @@ async fn a_fleet_stays_within_its_quota_while_redis_dies_and_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_stays_within_its_quota_while_redis_stalls() {
     fleet_through(Fault::Stall).await;
+}
+
+/// Issue 10, finding 3: `FLUSHALL` mid-run (Redis stays up, so no process falls back and none has
+/// a debt to repay). A process that used a partition before and finds its state gone takes the
+/// bucket as spent at that moment (it refills from empty), instead of handing out a full one.
+/// Before: 218 in one 10 s window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_stays_within_its_quota_when_redis_is_flushed() {
+    fleet_through(Fault::Flush).await;
 }
 
 async fn fleet_through(fault: Fault) {
@@ -486,6 +499,7 @@ async fn fleet_through(fault: Fault) {
             match fault {
                 Fault::KillRestart => server.stop(),
                 Fault::Stall => server.signal("-STOP"),
+                Fault::Flush => server.command(&["FLUSHALL"]).await,
             }
             struck = true;
         }
@@ -493,6 +507,7 @@ async fn fleet_through(fault: Fault) {
             match fault {
                 Fault::KillRestart => server.restart().await,
                 Fault::Stall => server.signal("-CONT"),
+                Fault::Flush => {}
             }
             healed = true;
         }
@@ -503,21 +518,26 @@ async fn fleet_through(fault: Fault) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let window = Duration::from_secs(10);
-    let most = admitted
-        .iter()
-        .map(|&start| {
-            admitted
-                .iter()
-                .filter(|&&t| t >= start && t < start + window)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
-    assert!(
-        most <= 160 + 5,
-        "{fault:?}: {most} admitted in one 10 s window"
-    );
+    // In any window of w seconds, at most the burst and w seconds of refill (60 + 10 w), and a
+    // slack of 5 for the moments between Redis's return and the repayment.
+    for secs in [1, 5, 10] {
+        let window = Duration::from_secs(secs);
+        let most = admitted
+            .iter()
+            .map(|&start| {
+                admitted
+                    .iter()
+                    .filter(|&&t| t >= start && t < start + window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        let bound = 60 + 10 * secs as usize;
+        assert!(
+            most <= bound + 5,
+            "{fault:?}: {most} admitted in one {secs} s window (bound {bound})"
+        );
+    }
     // The fleet kept working through the fault.
     let during = admitted
         .iter()
