@@ -34,8 +34,13 @@
 //!   soon as it answers; a store can start while Redis is down. Every switch is a `tracing` event.
 //!   What each process admitted on its fallback is charged to Redis when it answers again, so a
 //!   Redis that comes back (empty after a restart, or stale after a stall) learns what the fleet
-//!   spent meanwhile. Not yet: cancelling a reservation whose call timed out but that Redis ran
-//!   later (it is charged: the budget errs on the side of less).
+//!   spent meanwhile.
+//! - **A reservation whose call went unanswered is cancelled**: each reservation carries an id,
+//!   and a granted one leaves a receipt in Redis for a minute (what it charged). A call that timed
+//!   out may still run when a stalled Redis wakes; its caller was told otherwise (and may have
+//!   been served by the fallback, which is charged separately). When Redis answers again, the
+//!   store cancels each such id: a receipt found is refunded, and an id not yet run is marked so
+//!   that it is refused when it does run. Kept for up to 10 000 unanswered calls.
 //! - **When Redis loses the state while it stays up** (`FLUSHALL`, or a restart no process
 //!   noticed): a partition's state outlives its last write by 15 minutes at least, and each call
 //!   tells the script which of its partitions this process wrote within the last 10. A state that
@@ -70,7 +75,7 @@ use redis::{Client, RedisError};
 use scripts::Scripts;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -128,6 +133,11 @@ struct Inner {
     /// Redis when it answers again, so a Redis that comes back (empty after a restart, or stale
     /// after a stall) learns what the fleet spent meanwhile.
     debts: Mutex<HashMap<Vec<PartitionKey>, (Vec<Scope>, Delta)>>,
+    /// The next reservation's number (its id is this process's id and the number).
+    next_id: AtomicU64,
+    /// Reservations whose calls went unanswered, each with its id: cancelled when Redis answers
+    /// again.
+    late: Mutex<Vec<(Vec<Scope>, String)>>,
 }
 
 impl Inner {
@@ -150,12 +160,27 @@ impl Inner {
             live_workers: AtomicU32::new(0),
             known: Mutex::new(HashMap::new()),
             debts: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            late: Mutex::new(Vec::new()),
         }
     }
 }
 
 /// The most sets of scopes a fallback keeps debts for (beyond, new ones are not recorded).
 const MAX_DEBTS: usize = 10_000;
+
+/// The most unanswered reservations a process keeps to cancel (beyond, one that Redis runs late
+/// is charged: the budget errs on the side of less).
+const MAX_LATE: usize = 10_000;
+
+/// How a script call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unanswered {
+    /// Never sent (Redis known down, or no connection).
+    NotSent,
+    /// Sent, and no answer in time (or an error): Redis may have run it, or may run it later.
+    Sent,
+}
 
 /// The most partitions a process remembers writing (beyond, a new one is not remembered: if Redis
 /// loses its state, it comes back full, as it would for a process that never wrote it).
@@ -444,6 +469,7 @@ impl RedisStore {
                 );
                 h.down_since = None;
                 self.repay();
+                self.cancel_late();
             }
             (false, None) => {
                 tracing::warn!(
@@ -501,23 +527,79 @@ impl RedisStore {
         what: &str,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
+        self.try_call(what, inv).await.ok()
+    }
+
+    /// As [`RedisStore::call`], telling a failure after the call was sent (Redis may still run it)
+    /// from one before.
+    async fn try_call<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unanswered> {
         if !self.should_try() {
-            return None;
+            return Err(Unanswered::NotSent);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection().await.ok_or(Unanswered::NotSent)?;
         match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(v)) => {
                 self.mark(true, what, None);
-                Some(v)
+                Ok(v)
             }
             Ok(Err(e)) => {
                 self.mark(false, what, Some(&e.to_string()));
-                None
+                Err(Unanswered::Sent)
             }
             Err(_) => {
                 self.mark(false, what, None);
-                None
+                Err(Unanswered::Sent)
             }
+        }
+    }
+
+    /// Remembers a reservation whose call went unanswered, to cancel it when Redis answers again.
+    fn unsure(&self, scopes: &[Scope], id: String) {
+        let mut late = self.inner.late.lock().unwrap_or_else(|e| e.into_inner());
+        if late.len() < MAX_LATE {
+            late.push((scopes.to_vec(), id));
+        }
+    }
+
+    /// Cancels the reservations whose calls went unanswered (in the background: called as Redis
+    /// answers again). One that Redis ran late is refunded; one it has not run yet never will be.
+    fn cancel_late(&self) {
+        let late = std::mem::take(&mut *self.inner.late.lock().unwrap_or_else(|e| e.into_inner()));
+        if late.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            for (scopes, id) in late {
+                let mut inv = store.inner.scripts.cancel.prepare_invoke();
+                store.scope_keys(&mut inv, &scopes);
+                inv.key(store.receipt_key(&scopes, &id));
+                inv.arg(scopes.len()).arg(Self::invoke_args(&scopes));
+                store.tail(&mut inv, &scopes);
+                if store.call::<i64>("cancel", &inv).await.is_none() {
+                    store.unsure(&scopes, id);
+                }
+            }
+        });
+    }
+
+    /// The key of a reservation's receipt (in its first scope's hash slot).
+    fn receipt_key(&self, scopes: &[Scope], id: &str) -> String {
+        let p = scopes
+            .first()
+            .map_or(PartitionKey::ANONYMOUS, |s| s.partition);
+        let prefix = &self.inner.prefix;
+        if self.inner.single_slot {
+            format!("{{{prefix}}}{p}:r:{id}")
+        } else {
+            format!("{prefix}{{{p}}}:r:{id}")
         }
     }
 
@@ -555,15 +637,29 @@ impl RedisStore {
     }
 
     async fn redis_reserve(&self, scopes: &[Scope], cost: Cost) -> Option<Admission> {
+        let id = format!(
+            "{}-{}",
+            self.inner.id,
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         let mut inv = self.inner.scripts.reserve.prepare_invoke();
         self.scope_keys(&mut inv, scopes);
+        inv.key(self.receipt_key(scopes, &id));
         inv.arg(scopes.len())
             .arg(cost.requests)
             .arg(cost.input_tokens)
             .arg(cost.output_tokens)
             .arg(Self::invoke_args(scopes));
         self.tail(&mut inv, scopes);
-        let reply: Vec<i64> = self.call("reserve", &inv).await?;
+        let reply: Vec<i64> = match self.try_call("reserve", &inv).await {
+            Ok(reply) => reply,
+            Err(Unanswered::Sent) => {
+                // Redis may run it later: the caller will not have it, so neither may Redis.
+                self.unsure(scopes, id);
+                return None;
+            }
+            Err(Unanswered::NotSent) => return None,
+        };
         let admission = decode_admission(&reply, scopes);
         if let Admission::Granted { charged } = admission {
             // The scopes with a charged bucket now have a state in Redis.
@@ -628,6 +724,7 @@ fn decode_admission(r: &[i64], scopes: &[Scope]) -> Admission {
         .get(get(3).max(0) as usize)
         .map_or(PartitionKey::ANONYMOUS, |s| s.partition);
     match get(0) {
+        // 3 (cancelled before it ran) reaches no caller: its caller gave up on the call.
         0 => Admission::Granted {
             charged: Charged(get(6) as u16),
         },

@@ -50,6 +50,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local EPS = 1e-6
 local KEEP = tonumber(ARGV[#ARGV - 1])
+-- How long a reservation's receipt lives (ms): its caller cancels it within this if the call
+-- went unanswered.
+local RECEIPT = 60000
 
 -- The state hash; `known` says the caller wrote it recently, so if it is gone Redis lost it
 -- (FLUSHALL, a restart without persistence): it comes back with every bucket empty now.
@@ -114,14 +117,42 @@ local function expire(sk, st)
   if ms < KEEP then ms = KEEP end
   redis.call('PEXPIRE', sk, ms)
 end
+
+-- Moves each charged bucket (bit 4s + b of mask) of the n scopes by its share of d (requests,
+-- input, output), a refund never past full; the limits are in ARGV from index base.
+local function shift(n, d, mask, base)
+  local function delta(b)
+    if b == 0 then return d[1] elseif b == 1 then return d[2] + d[3]
+    elseif b == 2 then return d[2] else return d[3] end
+  end
+  for s = 0, n - 1 do
+    local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
+    local st = state(sk, known(s))
+    for b = 0, 3 do
+      local bit = 2 ^ (4 * s + b)
+      if math.floor(mask / bit) % 2 == 1 then
+        local pm, cap = limit(lk, tonumber(ARGV[base + s * 8 + 2 * b]), tonumber(ARGV[base + 1 + s * 8 + 2 * b]), b)
+        if pm then
+          local T = 60000000 / pm
+          set(sk, st, b, T, cap, used(st, b, T, cap) + delta(b))
+        end
+      end
+    end
+    expire(sk, st)
+  end
+end
 "#;
 
-/// KEYS: per scope, its state and learned keys. ARGV: scopes, cost (requests, input, output), then
-/// per scope 8 numbers (per-minute limit and capacity of each bucket). Reply: {0, 0, 0, 0, 0, 0,
-/// charged mask} granted; {1, wait µs, bucket or 4 for a cooldown, scope, 0, 0, 0} wait;
-/// {2, 0, bucket, scope, needed, capacity, 0} too large.
+/// KEYS: per scope, its state and learned keys, then the reservation's receipt. ARGV: scopes, cost
+/// (requests, input, output), then per scope 8 numbers (per-minute limit and capacity of each
+/// bucket). Reply: {0, 0, 0, 0, 0, 0, charged mask} granted (and the receipt written: what was
+/// charged, for a cancellation); {1, wait µs, bucket or 4 for a cooldown, scope, 0, 0, 0} wait;
+/// {2, 0, bucket, scope, needed, capacity, 0} too large; {3, 0, 0, 0, 0, 0, 0} cancelled before it
+/// ran (the caller gave up on it).
 const RESERVE: &str = r#"
 local n = tonumber(ARGV[1])
+local rk = KEYS[2 * n + 1]
+if redis.call('EXISTS', rk) == 1 then return {3, 0, 0, 0, 0, 0, 0} end
 local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
 local function need(b)
   if b == 0 then return cost[1] elseif b == 1 then return cost[2] + cost[3]
@@ -163,33 +194,29 @@ for s = 0, n - 1 do
   end
   expire(plan.sk, plan.st)
 end
+redis.call('SET', rk, string.format('%d:%d:%d:%d', cost[1], cost[2], cost[3], mask), 'PX', RECEIPT)
 return {0, 0, 0, 0, 0, 0, mask}
 "#;
 
-/// KEYS: as for reserve. ARGV: scopes, delta (requests, input, output), charged mask, then the
-/// limits as for reserve. Moves each charged bucket by its delta (a refund never past full).
+/// KEYS: as for reserve (without the receipt). ARGV: scopes, delta (requests, input, output),
+/// charged mask, then the limits as for reserve. Moves each charged bucket by its delta (a refund
+/// never past full).
 const ADJUST: &str = r#"
+shift(tonumber(ARGV[1]), {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}, tonumber(ARGV[5]), 6)
+return 0
+"#;
+
+/// KEYS: as for reserve. ARGV: scopes, then the limits as for reserve. Cancels a reservation whose
+/// caller gave up on it: refunded if Redis ran it, refused if Redis runs it later (the receipt
+/// becomes `c`).
+const CANCEL: &str = r#"
 local n = tonumber(ARGV[1])
-local d = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local mask = tonumber(ARGV[5])
-local function delta(b)
-  if b == 0 then return d[1] elseif b == 1 then return d[2] + d[3]
-  elseif b == 2 then return d[2] else return d[3] end
-end
-for s = 0, n - 1 do
-  local sk, lk = KEYS[2 * s + 1], KEYS[2 * s + 2]
-  local st = state(sk, known(s))
-  for b = 0, 3 do
-    local bit = 2 ^ (4 * s + b)
-    if math.floor(mask / bit) % 2 == 1 then
-      local pm, cap = limit(lk, tonumber(ARGV[6 + s * 8 + 2 * b]), tonumber(ARGV[7 + s * 8 + 2 * b]), b)
-      if pm then
-        local T = 60000000 / pm
-        set(sk, st, b, T, cap, used(st, b, T, cap) + delta(b))
-      end
-    end
-  end
-  expire(sk, st)
+local rk = KEYS[2 * n + 1]
+local r = redis.call('GET', rk)
+redis.call('SET', rk, 'c', 'PX', RECEIPT)
+if r and r ~= 'c' then
+  local q, i, o, mask = string.match(r, '^(%d+):(%d+):(%d+):(%d+)$')
+  if q then shift(n, {-tonumber(q), -tonumber(i), -tonumber(o)}, tonumber(mask), 2) end
 end
 return 0
 "#;
@@ -258,11 +285,12 @@ table.insert(out, math.floor(cd))
 return out
 "#;
 
-/// The five scripts.
+/// The scripts.
 pub(crate) struct Scripts {
     pub(crate) heartbeat: redis::Script,
     pub(crate) reserve: redis::Script,
     pub(crate) adjust: redis::Script,
+    pub(crate) cancel: redis::Script,
     pub(crate) cooldown: redis::Script,
     pub(crate) learn: redis::Script,
     pub(crate) snapshot: redis::Script,
@@ -275,6 +303,7 @@ impl Scripts {
             heartbeat: redis::Script::new(HEARTBEAT),
             reserve: s(RESERVE),
             adjust: s(ADJUST),
+            cancel: s(CANCEL),
             cooldown: s(COOLDOWN),
             learn: s(LEARN),
             snapshot: s(SNAPSHOT),

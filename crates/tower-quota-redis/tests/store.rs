@@ -458,7 +458,7 @@ async fn a_fleet_stays_within_its_quota_while_redis_dies_and_returns() {
 }
 
 /// As above with a stalled Redis (`SIGSTOP` for 5 s): the calls time out into the fallback, and
-/// the ones Redis runs when it wakes are charged as well (the budget errs on the side of less).
+/// the ones Redis runs when it wakes are cancelled (refunded) once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_stays_within_its_quota_while_redis_stalls() {
     fleet_through(Fault::Stall).await;
@@ -546,5 +546,54 @@ async fn fleet_through(fault: Fault) {
     assert!(
         during >= 20,
         "{fault:?}: {during} admitted during the fault"
+    );
+}
+
+/// Issue 10, finding 3: reservations whose calls timed out while Redis was stalled (`SIGSTOP`),
+/// and that Redis ran when it woke, are not charged: the caller was told "no" (the store fails
+/// closed here), so a charge would be quota spent on nothing. Before: every late call was charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_that_timed_out_is_not_charged_when_redis_runs_it_later() {
+    let server = RedisServer::start().await;
+    let s = store(&server).await.on_failure(OnFailure::FailClosed);
+    // A bucket of 1000 that refills by one a minute: what is charged stays visible.
+    let limits = Limits {
+        requests: Some(tower_quota::budget::Limit {
+            per_minute: 1,
+            burst: Some(1000),
+        }),
+        ..Limits::new()
+    };
+    let partition = PartitionKey::fingerprint(b"sk-late");
+    let scopes = [Scope { partition, limits }];
+    for _ in 0..10 {
+        let a = s.reserve(&scopes, Cost::new(0, 0)).await.unwrap();
+        assert!(matches!(a, Admission::Granted { .. }), "{a:?}");
+    }
+    server.signal("-STOP");
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.reserve(&scopes, Cost::new(0, 0)).await })
+        })
+        .collect();
+    for c in calls {
+        assert!(c.await.unwrap().is_err(), "Redis is stalled: fails closed");
+    }
+    server.signal("-CONT");
+    // Snapshots (which charge nothing) until the store reaches Redis again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.is_up() {
+        let _ = s.snapshot(partition, limits).await;
+        assert!(tokio::time::Instant::now() < deadline, "never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let snap = s.snapshot(partition, limits).await.unwrap().unwrap();
+    let (level, capacity) = snap.buckets[0].unwrap();
+    assert_eq!(capacity, 1000);
+    assert!(
+        (989.5..991.0).contains(&level),
+        "{level}: only the 10 granted requests are charged"
     );
 }
