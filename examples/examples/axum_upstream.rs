@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_quota::body::QuotaBody;
+use tower_quota::body::PresetBody;
 use tower_quota::budget::{Limit, Limits};
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
 use tower_quota_sim::{Limits as SimLimits, MessagesRequest, SimConfig, Simulator};
@@ -78,7 +78,7 @@ async fn main() -> Result<(), BoxError> {
         .service(client);
     let upstream = BoxCloneSyncService::new(ServiceExt::<Request<Full<Bytes>>>::and_then(
         stack,
-        |res: http::Response<QuotaBody<hyper::body::Incoming>>| async move {
+        |res: http::Response<PresetBody<hyper::body::Incoming>>| async move {
             let status =
                 StatusCode::from_u16(res.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let bytes = res.into_body().collect().await?.to_bytes();

@@ -190,7 +190,9 @@ impl Strategy {
                 let svc = ServiceBuilder::new()
                     .quota_stack(preset.clone())
                     .service(base);
-                let svc = ServiceExt::<Req>::and_then(svc, |res| async move { finish(res).await });
+                // The preset's bodies fail with tower-http's boxed timeout error: already a
+                // `BoxError` (the generic `finish` trips rustc's higher-ranked `Send` check).
+                let svc = ServiceExt::<Req>::and_then(svc, finish_boxed);
                 Built {
                     client: BoxCloneService::new(svc),
                     preset: Some(preset),
@@ -233,6 +235,16 @@ where
 {
     let status = res.status().as_u16();
     res.into_body().collect().await.map_err(Into::into)?;
+    Ok(status)
+}
+
+/// As [`finish`], for a body whose error is already a [`BoxError`].
+async fn finish_boxed<B>(res: Response<B>) -> Result<u16, BoxError>
+where
+    B: http_body::Body<Error = BoxError>,
+{
+    let status = res.status().as_u16();
+    res.into_body().collect().await?;
     Ok(status)
 }
 

@@ -7,7 +7,8 @@
 //!   TokenBudgetLayer       reserve requests/tokens per minute, wait FIFO, settle with the usage
 //!     ConcurrencyLimitLayer  slots per attempt, held until the response body ends
 //!       RetryAfterLayer      the partition's gate, last before the wire
-//!         your HTTP client
+//!         ResponseBodyTimeoutLayer  (tower-http) the longest gap between body frames
+//!           your HTTP client
 //! ```
 //!
 //! Each attempt pays its budget and holds a slot exactly as the server counts it; the adaptive
@@ -16,7 +17,9 @@
 //! server's time. Other orders cost something: the retry inside the budget lets retries skip the
 //! budget; the concurrency limit outside the retry holds a slot through every backoff sleep (the
 //! seed recipe's semaphore does this); the gate outside the queues lets queued requests leave
-//! during a cooldown.
+//! during a cooldown. The body timeout is innermost so that a stalled stream's error passes
+//! through every layer's body: each sees the body end and gives back its permit and settles its
+//! reservation.
 
 use crate::budget::{Limits, TokenBudgetLayer};
 use crate::concurrency::{Aimd, ConcurrencyLimitLayer};
@@ -26,6 +29,7 @@ use crate::retry_after::RetryAfterLayer;
 use std::time::Duration;
 use tower::ServiceBuilder;
 use tower::layer::util::Stack;
+use tower_http::timeout::ResponseBodyTimeoutLayer;
 
 mod sealed {
     pub trait Sealed {}
@@ -47,14 +51,18 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer, L>>;
     /// Adds a [`RetryAfterLayer`].
     fn retry_after(self, layer: RetryAfterLayer) -> ServiceBuilder<Stack<RetryAfterLayer, L>>;
-    /// Adds the four layers of a [`Preset`], in the recommended order.
+    /// Adds the four layers of a [`Preset`], in the recommended order, and innermost tower-http's
+    /// [`ResponseBodyTimeoutLayer`] with the preset's [`body_idle_timeout`](Preset::body_idle_timeout).
     fn quota_stack(
         self,
         preset: Preset,
     ) -> ServiceBuilder<
         Stack<
-            RetryAfterLayer,
-            Stack<ConcurrencyLimitLayer, Stack<TokenBudgetLayer, Stack<BackoffRetryLayer, L>>>,
+            ResponseBodyTimeoutLayer,
+            Stack<
+                RetryAfterLayer,
+                Stack<ConcurrencyLimitLayer, Stack<TokenBudgetLayer, Stack<BackoffRetryLayer, L>>>,
+            >,
         >,
     > {
         let Preset {
@@ -62,11 +70,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
             budget,
             concurrency,
             retry_after,
+            body_idle_timeout,
         } = preset;
         self.backoff_retry(retry)
             .token_budget(budget)
             .quota_concurrency(concurrency)
             .retry_after(retry_after)
+            .layer(ResponseBodyTimeoutLayer::new(body_idle_timeout))
     }
 }
 
@@ -106,9 +116,37 @@ pub struct Preset {
     pub concurrency: ConcurrencyLimitLayer,
     /// The Retry-After gate.
     pub retry_after: RetryAfterLayer,
+    /// The longest wait for the next frame of a response body (tower-http's
+    /// [`ResponseBodyTimeoutLayer`], innermost): a stream that stalls ends with a
+    /// [`tower_http::timeout::TimeoutError`] instead of holding its caller, its concurrency permit
+    /// and its reservation for ever. The retry's attempt timeout covers the wait for the headers;
+    /// this covers every gap after them. Default [`Preset::DEFAULT_BODY_IDLE_TIMEOUT`].
+    pub body_idle_timeout: Duration,
 }
 
 impl Preset {
+    /// The default [`body_idle_timeout`](Preset::body_idle_timeout): 2 minutes. A Messages
+    /// stream sends an event at least every few seconds (`ping` events while the model thinks), and
+    /// a response that is not streamed arrives whole after its headers, so two minutes without a
+    /// frame is a stalled connection, not a slow model.
+    pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// Sets the longest wait for the next frame of a response body.
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero (every body would fail).
+    pub fn body_idle_timeout(self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "a body idle timeout of zero fails every body"
+        );
+        Self {
+            body_idle_timeout: timeout,
+            ..self
+        }
+    }
+
     /// The recommended stack for Anthropic's Messages API.
     ///
     /// - Retry: 5 retries, 1 s base doubling to 60 s plus up to 1 s of jitter, each attempt cut
@@ -121,6 +159,8 @@ impl Preset {
     /// - Concurrency: adaptive AIMD from 8 up to 200, 0.9 on 429/529: the budget paces the rate;
     ///   the limit guards against overload (529) that no quota predicts.
     /// - Retry-After: per-key gate, cap 5 minutes, up to 100 ms of jitter.
+    /// - Response bodies: at most 2 minutes between frames
+    ///   ([`DEFAULT_BODY_IDLE_TIMEOUT`](Preset::DEFAULT_BODY_IDLE_TIMEOUT)).
     pub fn anthropic(limits: Limits) -> Self {
         Self {
             retry: BackoffRetryLayer::new()
@@ -128,6 +168,7 @@ impl Preset {
             budget: TokenBudgetLayer::new(limits),
             concurrency: ConcurrencyLimitLayer::adaptive(Aimd::default()),
             retry_after: RetryAfterLayer::new(),
+            body_idle_timeout: Self::DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 
@@ -140,6 +181,7 @@ impl Preset {
             budget: self.budget.context(ctx.clone()),
             concurrency: self.concurrency.context(ctx.clone()),
             retry_after: self.retry_after.context(ctx),
+            body_idle_timeout: self.body_idle_timeout,
         }
     }
 
@@ -156,6 +198,7 @@ impl Preset {
             budget: TokenBudgetLayer::new(limits),
             concurrency: ConcurrencyLimitLayer::adaptive(Aimd::default()),
             retry_after: RetryAfterLayer::new().max_wait(Some(Duration::from_secs(120))),
+            body_idle_timeout: Self::DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -182,5 +225,61 @@ mod tests {
             .await;
         assert_eq!(res.unwrap().status(), 200);
         assert_eq!(budget.admitted(), 1);
+    }
+
+    /// A body that sends one frame, then nothing, never waking its reader (a stalled stream).
+    struct Stalled(bool);
+
+    impl http_body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                    b"event: ping\n\n",
+                )))))
+            }
+        }
+    }
+
+    /// Issue 10: nothing waits for ever by default. A stream that stalls after its headers ends
+    /// with tower-http's typed timeout error after the preset's idle timeout (2 minutes), and the
+    /// permit it held is given back. Before, the body waited for ever and held its slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_ends_with_a_timeout_and_gives_back_its_slot() {
+        use http_body_util::BodyExt;
+        let preset = Preset::anthropic(Limits::new().rpm(60));
+        let slots = preset.concurrency.handle();
+        let svc = ServiceBuilder::new()
+            .quota_stack(preset)
+            .service(service_fn(|_: Request<Full<Bytes>>| async {
+                Ok::<_, std::io::Error>(Response::new(Stalled(false)))
+            }));
+        let res = svc
+            .oneshot(Request::new(Full::new(Bytes::from_static(b"{}"))))
+            .await
+            .unwrap();
+        // tower-http's timeout body holds its timer inline: it is `!Unpin`, so pin it to poll it.
+        let mut body = std::pin::pin!(res.into_body());
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        assert_eq!(slots.in_flight(), 1);
+        let t0 = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(t0.elapsed(), Preset::DEFAULT_BODY_IDLE_TIMEOUT);
+        assert!(err.is::<tower_http::timeout::TimeoutError>(), "{err:?}");
+        assert_eq!(slots.in_flight(), 0, "the slot is given back at the error");
+    }
+
+    #[test]
+    #[should_panic(expected = "zero")]
+    fn a_zero_body_timeout_is_refused_at_construction() {
+        let _ = Preset::anthropic(Limits::new()).body_idle_timeout(Duration::ZERO);
     }
 }

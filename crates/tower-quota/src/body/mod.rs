@@ -40,9 +40,15 @@ use http_body::Body;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-/// The response body of the full stack ([`Preset`](crate::Preset) or the four layers in the
-/// recommended order) over a client whose response body is `B`.
+/// The response body of the four layers in the recommended order over a client whose response
+/// body is `B`.
 pub type QuotaBody<B> = crate::budget::BudgetBody<crate::concurrency::ConcurrencyBody<B>>;
+
+/// The response body of a [`Preset`](crate::Preset)'s stack
+/// ([`quota_stack`](crate::ServiceBuilderExt::quota_stack)): the four layers' body over tower-http's
+/// idle-timeout body. It is `!Unpin` (the timer lives inline): pin it (`std::pin::pin!`) to call
+/// `BodyExt::frame`; `collect` takes it by value.
+pub type PresetBody<B> = QuotaBody<tower_http::timeout::TimeoutBody<B>>;
 
 /// A request body held in memory: it can be copied for another attempt and read for an estimate
 /// without being consumed.
