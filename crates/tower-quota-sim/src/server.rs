@@ -4,8 +4,6 @@ use crate::Simulator;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::time::Duration;
 
-/// How long a connection may take to send a request's headers (or stay idle between requests).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause after a failed accept (such as running out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 use hyper_util::service::TowerToHyperService;
@@ -47,11 +45,57 @@ impl ServerHandle {
     }
 }
 
-/// Serves `sim` on `addr` (port 0 picks a free port) until [`ServerHandle::shutdown`].
+/// How the server treats its connections (see [`serve_with`]).
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// How long a connection may take to send a request's headers, or stay idle between requests
+    /// (default 10 s): slow or silent clients cannot pin a connection, and its file descriptor,
+    /// for longer.
+    pub header_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Sets [`ServeOptions::header_timeout`].
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero.
+    pub fn header_timeout(self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "a header timeout of zero closes every connection"
+        );
+        Self {
+            header_timeout: timeout,
+        }
+    }
+}
+
+/// Serves `sim` on `addr` (port 0 picks a free port) until [`ServerHandle::shutdown`], with the
+/// default [`ServeOptions`].
 ///
 /// Every connection is HTTP/1.1 with keep-alive. A simulated connection reset makes the service
 /// fail, and hyper then closes the connection without a response, as a reset looks to a client.
 pub async fn serve(sim: Simulator, addr: SocketAddr) -> io::Result<ServerHandle> {
+    serve_with(sim, addr, ServeOptions::default()).await
+}
+
+/// As [`serve`], with `options`.
+pub async fn serve_with(
+    sim: Simulator,
+    addr: SocketAddr,
+    options: ServeOptions,
+) -> io::Result<ServerHandle> {
+    let header_timeout = options.header_timeout;
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
@@ -73,11 +117,11 @@ pub async fn serve(sim: Simulator, addr: SocketAddr) -> io::Result<ServerHandle>
             let svc = TowerToHyperService::new(service.clone());
             let mut stop_conn = stopped.clone();
             tokio::spawn(async move {
-                // A connection must send a request's headers within HEADER_TIMEOUT (idle
+                // A connection must send a request's headers within the header timeout (idle
                 // keep-alive connections included): slow or silent clients cannot pin it.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
                 tokio::select! {

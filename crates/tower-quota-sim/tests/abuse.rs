@@ -79,6 +79,47 @@ async fn an_oversized_body_is_refused_with_413() {
     server.shutdown().await;
 }
 
+/// Four bodies of 100 MB at once: each is refused (413, or the connection closed while the client
+/// still sends) after at most 32 MB is read, and a canary is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_bodies_of_100_mb_at_once_leave_the_server_responsive() {
+    let server = serve(
+        Simulator::new(SimConfig::new(Limits::unlimited())),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let base = server.base_url();
+    // One buffer, shared by the four requests (`Bytes` clones share it).
+    let big = Bytes::from(vec![b' '; 100 << 20]);
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let req = post(&base, big.clone());
+            tokio::spawn(async move { client().request(req).await })
+        })
+        .collect();
+    let res = tokio::time::timeout(Duration::from_secs(30), client().request(canary(&base)))
+        .await
+        .expect("the canary is answered while the floods arrive")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    for f in floods {
+        match f.await.unwrap() {
+            Ok(res) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE),
+            // The server answered 413 and closed while the client was still sending.
+            Err(e) => assert!(
+                e.is_connect() || e.to_string().contains("connection"),
+                "{e}"
+            ),
+        }
+    }
+    assert!(
+        server.simulator().summary().total.rejected >= 1,
+        "a 413 was recorded"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn connections_that_never_finish_their_headers_are_closed() {
     let server = serve(

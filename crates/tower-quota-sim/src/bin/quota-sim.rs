@@ -7,7 +7,9 @@
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use tower_quota_sim::{Dialect, Faults, Limits, RetryAfterStyle, SimConfig, Simulator};
+use tower_quota_sim::{
+    Dialect, Faults, Limits, RetryAfterStyle, ServeOptions, SimConfig, Simulator,
+};
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +98,9 @@ struct ServeArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How long a connection may take to send a request's headers, or stay idle, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_ms: u64,
 }
 
 impl ServeArgs {
@@ -139,7 +144,10 @@ impl ServeArgs {
 async fn main() -> std::io::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
     let sim = Simulator::new(args.config());
-    let server = tower_quota_sim::serve(sim, SocketAddr::new(args.host, args.port)).await?;
+    let options =
+        ServeOptions::default().header_timeout(Duration::from_millis(args.header_timeout_ms));
+    let server =
+        tower_quota_sim::serve_with(sim, SocketAddr::new(args.host, args.port), options).await?;
     eprintln!("quota-sim listening on {}", server.base_url());
     tokio::signal::ctrl_c().await?;
     let summary = server.simulator().summary();
