@@ -60,9 +60,9 @@ async fn the_simulator_answers_a_canary_after_running_out_of_file_descriptors() 
     let canary = Request::post(format!("http://{addr}/v1/messages"))
         .header("x-api-key", "sk-canary")
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
+        .body(Full::new(
             MessagesRequest::user("claude-sim", "Hello", 16).to_bytes(),
-        )))
+        ))
         .unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let t0 = tokio::time::Instant::now();
