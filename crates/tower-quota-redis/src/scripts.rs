@@ -84,8 +84,9 @@ local function limit(lk, pm, cap, b)
   return pm, cap
 end
 
--- Units used in bucket b of capacity cap under interval T (the limit may have changed: what was
--- used stays used). A bucket never written since its state was recreated empty refills from `z`.
+-- Units used in bucket b of capacity cap under interval T. If the limit changed, what remains
+-- stays, up to the new capacity (a debt stays a debt). A bucket never written since its state was
+-- recreated empty refills from `z`.
 local function used(st, b, T, cap)
   local tat = st['t' .. b]
   local oldT = st['i' .. b] or T
@@ -94,8 +95,15 @@ local function used(st, b, T, cap)
     tat = st['z'] + cap * T
     oldT = T
   end
-  if tat <= now or oldT <= 0 then return 0 end
-  return (tat - now) / oldT
+  local u = 0
+  if tat > now and oldT > 0 then u = (tat - now) / oldT end
+  local oldcap = st['c' .. b]
+  if oldcap and oldcap ~= cap then
+    local remains = oldcap - u
+    if remains > cap then remains = cap end
+    u = cap - remains
+  end
+  return u
 end
 
 local function set(sk, st, b, T, cap, u)

@@ -9,6 +9,8 @@ use tokio::time::Instant;
 pub(crate) struct TokenBucket {
     capacity: f64,
     rate: f64,
+    /// What another client of the key takes, continuously (per second, below `rate`).
+    drain: f64,
     level: f64,
     last: Instant,
 }
@@ -20,14 +22,37 @@ impl TokenBucket {
         Self {
             capacity,
             rate: per_minute as f64 / 60.0,
+            drain: 0.0,
             level: capacity,
             last: now,
         }
     }
 
+    /// The limit changes at `now` to `per_minute` (capacity `per_minute * burst_fraction`): what
+    /// remains stays, up to the new capacity.
+    pub(crate) fn rescale(&mut self, per_minute: u64, burst_fraction: f64, now: Instant) {
+        self.refill(now);
+        self.capacity = (per_minute as f64 * burst_fraction).max(1.0);
+        self.rate = per_minute as f64 / 60.0;
+        self.drain = self.drain.min(self.rate * 0.99);
+        self.level = self.level.min(self.capacity);
+    }
+
+    /// From `now` on, another client takes `per_minute` of the bucket continuously (kept below
+    /// the limit: that client is limited too).
+    pub(crate) fn set_drain(&mut self, per_minute: u64, now: Instant) {
+        self.refill(now);
+        self.drain = (per_minute as f64 / 60.0).min(self.rate * 0.99);
+    }
+
+    /// What the bucket gains per second: its rate less what the other client takes.
+    fn net(&self) -> f64 {
+        self.rate - self.drain
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.level = (self.level + dt * self.rate).min(self.capacity);
+        self.level = (self.level + dt * self.net()).min(self.capacity);
         self.last = now;
     }
 
@@ -54,7 +79,7 @@ impl TokenBucket {
         if missing <= 0.0 {
             return Some(Duration::ZERO);
         }
-        Duration::try_from_secs_f64(missing / self.rate).ok()
+        Duration::try_from_secs_f64(missing / self.net()).ok()
     }
 
     /// How long until the bucket is full again.
@@ -63,7 +88,7 @@ impl TokenBucket {
         if missing <= 0.0 || self.rate <= 0.0 {
             return Duration::ZERO;
         }
-        Duration::try_from_secs_f64(missing / self.rate).unwrap_or(Duration::MAX)
+        Duration::try_from_secs_f64(missing / self.net()).unwrap_or(Duration::MAX)
     }
 
     pub(crate) fn debit(&mut self, amount: f64, now: Instant) {
@@ -87,5 +112,23 @@ mod tests {
         let later = now + Duration::from_millis(1500);
         assert!((b.level(later) - 1.5).abs() < 1e-9);
         assert_eq!(b.wait_for(61.0, later), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rescaled_bucket_keeps_what_remains_and_a_drain_slows_its_refill() {
+        let now = Instant::now();
+        let mut b = TokenBucket::per_minute(1200, 1.0, now);
+        b.debit(400.0, now);
+        b.rescale(600, 1.0, now);
+        assert_eq!(
+            b.level(now),
+            600.0,
+            "800 remained: capped at the new capacity"
+        );
+        assert_eq!(b.limit_per_minute(), 600);
+        b.debit(600.0, now);
+        b.set_drain(300, now);
+        // 10 a second less the other client's 5.
+        assert_eq!(b.wait_for(5.0, now), Some(Duration::from_secs(1)));
     }
 }

@@ -94,6 +94,23 @@ pub struct Faults {
     pub garbage_headers: bool,
 }
 
+/// Another client of every key: it takes its share of the key's buckets continuously from `from`
+/// until `until` (times since the simulator started), as a second application sharing the key
+/// would. It is limited too: each share is kept below its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Background {
+    /// Requests a minute it sends.
+    pub rpm: u64,
+    /// Input tokens a minute it sends.
+    pub itpm: u64,
+    /// Output tokens a minute it receives.
+    pub otpm: u64,
+    /// When it starts.
+    pub from: Duration,
+    /// When it stops.
+    pub until: Duration,
+}
+
 /// The simulator's whole configuration. Build it with [`SimConfig::new`] and the `with_*` methods.
 #[derive(Clone)]
 pub struct SimConfig {
@@ -122,6 +139,12 @@ pub struct SimConfig {
     pub early_grace: Duration,
     /// The seed of every random draw.
     pub seed: u64,
+    /// Limits that change while it runs: at each time (since the simulator started), every key's
+    /// limits become the given ones (what remains in a bucket stays, up to its new capacity; a
+    /// bucket the new limits leave out is gone).
+    pub limit_changes: Vec<(Duration, Limits)>,
+    /// Another client sharing every key.
+    pub background: Option<Background>,
 }
 
 impl fmt::Debug for SimConfig {
@@ -142,6 +165,8 @@ impl fmt::Debug for SimConfig {
             .field("context_window", &self.context_window)
             .field("early_grace", &self.early_grace)
             .field("seed", &self.seed)
+            .field("limit_changes", &self.limit_changes)
+            .field("background", &self.background)
             .finish()
     }
 }
@@ -169,7 +194,22 @@ impl SimConfig {
             context_window: 200_000,
             early_grace: Duration::from_millis(100),
             seed: 0,
+            limit_changes: Vec::new(),
+            background: None,
         }
+    }
+
+    /// At `at` (since the simulator started), every key's limits become `limits`.
+    pub fn with_limit_change(mut self, at: Duration, limits: Limits) -> Self {
+        self.limit_changes.push((at, limits));
+        self.limit_changes.sort_by_key(|&(t, _)| t);
+        self
+    }
+
+    /// Another client sharing every key.
+    pub fn with_background(mut self, background: Background) -> Self {
+        self.background = Some(background);
+        self
     }
 
     /// Gives `key` its own limits.

@@ -56,7 +56,7 @@ mod service;
 pub use api::{Message, MessagesRequest, input_tokens};
 pub use audit::{AuditOutcome, AuditRecord, Counts, Summary};
 pub use body::{BodyError, SimBody};
-pub use config::{Dialect, Faults, Limits, RetryAfterStyle, SimConfig};
+pub use config::{Background, Dialect, Faults, Limits, RetryAfterStyle, SimConfig};
 pub use server::{ServeOptions, ServerHandle, serve, serve_with};
 pub use service::Simulator;
 

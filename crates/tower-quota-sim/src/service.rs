@@ -41,6 +41,8 @@ struct Shared {
     in_flight: Arc<AtomicUsize>,
     /// The server-side concurrency cap (0: none); changeable while running.
     max_concurrency: AtomicUsize,
+    /// The configuration's scheduled events, in time order.
+    events: Vec<(Duration, Event)>,
     state: Mutex<State>,
 }
 
@@ -59,6 +61,9 @@ struct KeyState {
     tpm: Option<TokenBucket>,
     /// The cooldown announced to this key: (when it started, when it ends).
     cooldown: Option<(Instant, Instant)>,
+    /// How many of the configuration's scheduled events (limit changes, the other client's start
+    /// and stop) this key has been through.
+    events_done: usize,
 }
 
 impl KeyState {
@@ -71,8 +76,87 @@ impl KeyState {
             otpm: b(limits.otpm),
             tpm: b(limits.tpm),
             cooldown: None,
+            events_done: 0,
         }
     }
+
+    /// Applies the scheduled events due by `now`, each at its own time.
+    fn catch_up(
+        &mut self,
+        cfg: &SimConfig,
+        events: &[(Duration, Event)],
+        start: Instant,
+        now: Instant,
+    ) {
+        while let Some(&(at, event)) = events.get(self.events_done) {
+            let t = start + at;
+            if t > now {
+                break;
+            }
+            self.events_done += 1;
+            match event {
+                Event::LimitChange(i) => {
+                    let new = cfg.limit_changes[i].1;
+                    for (bucket, limit) in [
+                        (&mut self.rpm, new.rpm),
+                        (&mut self.itpm, new.itpm),
+                        (&mut self.otpm, new.otpm),
+                        (&mut self.tpm, new.tpm),
+                    ] {
+                        *bucket = match (bucket.take(), limit) {
+                            (Some(mut b), Some(l)) => {
+                                b.rescale(l, new.burst_fraction, t);
+                                Some(b)
+                            }
+                            (None, Some(l)) => {
+                                Some(TokenBucket::per_minute(l, new.burst_fraction, t))
+                            }
+                            (_, None) => None,
+                        };
+                    }
+                }
+                Event::Background(on) => {
+                    let bg = cfg.background.unwrap_or_default();
+                    let rate = |r: u64| if on { r } else { 0 };
+                    for (bucket, r) in [
+                        (&mut self.rpm, rate(bg.rpm)),
+                        (&mut self.itpm, rate(bg.itpm)),
+                        (&mut self.otpm, rate(bg.otpm)),
+                        (&mut self.tpm, rate(bg.itpm.saturating_add(bg.otpm))),
+                    ] {
+                        if let Some(b) = bucket {
+                            b.set_drain(r, t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A scheduled change to every key.
+#[derive(Clone, Copy, Debug)]
+enum Event {
+    /// The limits become `limit_changes[i]`.
+    LimitChange(usize),
+    /// The other client starts (`true`) or stops.
+    Background(bool),
+}
+
+/// The configuration's scheduled events, in time order.
+fn scheduled(cfg: &SimConfig) -> Vec<(Duration, Event)> {
+    let mut events: Vec<(Duration, Event)> = cfg
+        .limit_changes
+        .iter()
+        .enumerate()
+        .map(|(i, &(at, _))| (at, Event::LimitChange(i)))
+        .collect();
+    if let Some(bg) = cfg.background {
+        events.push((bg.from, Event::Background(true)));
+        events.push((bg.until, Event::Background(false)));
+    }
+    events.sort_by_key(|&(at, _)| at);
+    events
 }
 
 impl fmt::Debug for Simulator {
@@ -114,6 +198,7 @@ impl Simulator {
     pub fn new(config: SimConfig) -> Self {
         let rng = StdRng::seed_from_u64(config.seed);
         let cap = config.max_concurrency.unwrap_or(0);
+        let events = scheduled(&config);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -121,6 +206,7 @@ impl Simulator {
                 wall_start: SystemTime::now(),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 max_concurrency: AtomicUsize::new(cap),
+                events,
                 state: Mutex::new(State {
                     keys: HashMap::new(),
                     rng,
@@ -299,7 +385,8 @@ impl Simulator {
         let ks = st
             .keys
             .entry(key.clone())
-            .or_insert_with(|| KeyState::new(&key, cfg.limits_for(&key), now));
+            .or_insert_with(|| KeyState::new(&key, cfg.limits_for(&key), self.shared.start));
+        ks.catch_up(cfg, &self.shared.events, self.shared.start, now);
         let early = matches!(ks.cooldown, Some((issued, until))
             if now >= issued + cfg.early_grace && now < until);
         let mut record = AuditRecord {

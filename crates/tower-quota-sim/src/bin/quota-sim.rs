@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tower_quota_sim::{
-    Dialect, Faults, Limits, RetryAfterStyle, ServeOptions, SimConfig, Simulator,
+    Background, Dialect, Faults, Limits, RetryAfterStyle, ServeOptions, SimConfig, Simulator,
 };
 
 #[derive(Parser)]
@@ -98,6 +98,25 @@ struct ServeArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A limit change, `SECONDS:RPM:ITPM:OTPM` (0 = unlimited; repeatable): at that time since
+    /// the start, every key's limits become these.
+    #[arg(long, value_parser = parse_change)]
+    limit_change: Vec<(Duration, u64, u64, u64)>,
+    /// Another client sharing every key: requests per minute it takes.
+    #[arg(long, default_value_t = 0)]
+    background_rpm: u64,
+    /// Input tokens per minute the other client takes.
+    #[arg(long, default_value_t = 0)]
+    background_itpm: u64,
+    /// Output tokens per minute the other client takes.
+    #[arg(long, default_value_t = 0)]
+    background_otpm: u64,
+    /// When the other client starts, in seconds since the start.
+    #[arg(long, default_value_t = 0.0)]
+    background_from_s: f64,
+    /// When the other client stops, in seconds since the start.
+    #[arg(long, default_value_t = f64::MAX)]
+    background_until_s: f64,
     /// How long a connection may take to send a request's headers, or stay idle, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout_ms: u64,
@@ -133,11 +152,45 @@ impl ServeArgs {
             .with_early_grace(Duration::from_millis(self.grace_ms))
             .with_seed(self.seed);
         c.context_window = self.context_window;
+        for &(at, rpm, itpm, otpm) in &self.limit_change {
+            c = c.with_limit_change(
+                at,
+                Limits {
+                    rpm: nz(rpm),
+                    itpm: nz(itpm),
+                    otpm: nz(otpm),
+                    tpm: None,
+                    burst_fraction: self.burst_fraction,
+                },
+            );
+        }
+        if self.background_rpm + self.background_itpm + self.background_otpm > 0 {
+            let secs = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
+            c = c.with_background(Background {
+                rpm: self.background_rpm,
+                itpm: self.background_itpm,
+                otpm: self.background_otpm,
+                from: secs(self.background_from_s),
+                until: secs(self.background_until_s),
+            });
+        }
         if self.max_concurrency > 0 {
             c = c.with_max_concurrency(self.max_concurrency);
         }
         c
     }
+}
+
+/// `SECONDS:RPM:ITPM:OTPM`.
+fn parse_change(s: &str) -> Result<(Duration, u64, u64, u64), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [at, rpm, itpm, otpm] = parts[..] else {
+        return Err(format!("`{s}`: expected SECONDS:RPM:ITPM:OTPM"));
+    };
+    let at: f64 = at.parse().map_err(|e| format!("`{at}`: {e}"))?;
+    let at = Duration::try_from_secs_f64(at).map_err(|e| format!("`{s}`: {e}"))?;
+    let n = |v: &str| v.parse::<u64>().map_err(|e| format!("`{v}`: {e}"));
+    Ok((at, n(rpm)?, n(itpm)?, n(otpm)?))
 }
 
 #[tokio::main]

@@ -343,7 +343,9 @@ pub async fn global_scope(store: &dyn BudgetStore, namespace: u64) {
     );
 }
 
-/// Limits travel with each call: a new limit applies at once and keeps what was used.
+/// Limits travel with each call: a new limit applies at once and keeps what remains, up to its
+/// capacity (a server whose limit changes keeps what remains; keeping what was used would turn a
+/// halved limit into a debt of the old capacity).
 pub async fn limits_change(store: &dyn BudgetStore, namespace: u64) {
     let p = partition(namespace, 7);
     let s10 = scope(p, Limits::new().rpm(10));
@@ -357,9 +359,24 @@ pub async fn limits_change(store: &dyn BudgetStore, namespace: u64) {
         9.0,
     );
     near(
-        "limits_change: after",
+        "limits_change: raised",
         level(store, p, Limits::new().rpm(20), Bucket::Requests).await,
-        19.0,
+        9.0,
+    );
+    // Dropped below what remains (9 kept as 4), and one more request.
+    assert!(matches!(
+        reserve(store, &scope(p, Limits::new().rpm(4)), Cost::new(0, 0)).await,
+        Admission::Granted { .. }
+    ));
+    near(
+        "limits_change: dropped below what remains",
+        level(store, p, Limits::new().rpm(4), Bucket::Requests).await,
+        3.0,
+    );
+    near(
+        "limits_change: raised again",
+        level(store, p, Limits::new().rpm(20), Bucket::Requests).await,
+        3.0,
     );
 }
 

@@ -58,12 +58,14 @@ impl Level {
             .and_then(|d| self.last.checked_add(d))
     }
 
-    /// Follows a changed limit, keeping what was used.
+    /// Follows a changed limit, keeping what remains (up to the new capacity; a debt stays a
+    /// debt), as a server does when a key's limit changes. Keeping what was *used* instead turned
+    /// a halved limit into a debt of the old capacity: a minute without sending (issue 11).
     fn relimit(&mut self, limit: Limit, now: Instant) {
         if limit != self.limit {
-            let used = self.limit.capacity() as f64 - self.at(now);
+            let remains = self.at(now);
             self.limit = limit;
-            self.level = limit.capacity() as f64 - used;
+            self.level = remains.min(limit.capacity() as f64);
         }
     }
 }
