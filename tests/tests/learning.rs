@@ -14,7 +14,7 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::budget::Limits as Learned;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
-use tower_quota_sim::{Limits, MessagesRequest, SimConfig, Simulator};
+use tower_quota_sim::{Background, Limits, MessagesRequest, SimConfig, Simulator};
 
 type Svc = BoxCloneService<Request<Full<Bytes>>, (), BoxError>;
 
@@ -169,4 +169,30 @@ async fn a_limit_that_rises_mid_burst_is_used_at_once() {
         o.elapsed
     );
     assert!(o.share_429() <= 0.02, "{}", o.share_429());
+}
+
+/// Another client takes half of the key's 20 requests a second from the start, and stops at 30 s:
+/// the burst of 1200, 10 a second to 30 s (about 1500 by then), then the whole 20 a second.
+/// At most 2 % of attempts answered 429, at least 95 % of what is left to this client while
+/// shared, and the full rate back within 10 s of the other client's stop.
+#[tokio::test(start_paused = true)]
+async fn a_key_shared_with_another_client_paces_at_what_is_left() {
+    let config = SimConfig::new(requests(1200)).with_background(Background {
+        rpm: 600,
+        from: Duration::ZERO,
+        until: Duration::from_secs(30),
+        ..Background::default()
+    });
+    let o = run(config, 2400, 16, Duration::from_secs(1)).await;
+    eprintln!("{o:?} 429 share {:.3}", o.share_429());
+    assert_eq!(o.failed, 0);
+    assert_eq!(o.early, 0);
+    assert!(o.share_429() <= 0.02, "{}", o.share_429());
+    let shared: u64 = o.per_second[2..30].iter().sum();
+    assert!(
+        shared as f64 >= 0.95 * 10.0 * 28.0,
+        "{shared} in 28 s shared"
+    );
+    let alone = &o.per_second[40..o.per_second.len() - 1];
+    assert!(alone.iter().all(|&n| n >= 19), "{alone:?}");
 }

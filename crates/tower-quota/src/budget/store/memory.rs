@@ -12,13 +12,25 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// A continuously refilling token bucket on tokio's clock.
+/// A continuously refilling token bucket on tokio's clock, refilled at the limit's rate less what
+/// other clients of the key are seen to take.
 #[derive(Clone, Copy, Debug)]
 struct Level {
     level: f64,
     last: Instant,
     limit: Limit,
+    /// What other clients of the key take, per second, as the server's remaining counts show it
+    /// (smoothed): the bucket refills at the limit's rate less this.
+    foreign: f64,
+    /// The current observation window: when it began and the server's remaining count then.
+    window: Option<(Instant, f64)>,
+    /// What this store took from the bucket since the window began.
+    spent: f64,
 }
+
+/// How long a window of the server's remaining counts is before it yields an estimate of what
+/// other clients take.
+const OBSERVE_WINDOW: Duration = Duration::from_secs(1);
 
 impl Level {
     fn full(limit: Limit, now: Instant) -> Self {
@@ -26,7 +38,54 @@ impl Level {
             level: limit.capacity() as f64,
             last: now,
             limit,
+            foreign: 0.0,
+            window: None,
+            spent: 0.0,
         }
+    }
+
+    /// The refill rate per second: the limit's, less what other clients take (at least a
+    /// twentieth of it, so an estimate can never stop the bucket).
+    fn rate(&self) -> f64 {
+        let r = self.limit.rate_per_sec();
+        (r - self.foreign).max(r / 20.0)
+    }
+
+    /// Takes `amount` (negative: gives back), counting it as this store's own use.
+    fn take(&mut self, amount: f64) {
+        self.level -= amount;
+        self.spent += amount;
+    }
+
+    /// The server says `remaining` now. Over each window of about a second, what the server's
+    /// count lost beyond this store's own use and the refill is what other clients took:
+    /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the bucket is
+    /// short of full at both ends (a full bucket's refill is capped, and nobody is limited);
+    /// otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
+    /// within a few seconds.
+    fn observe(&mut self, remaining: f64, now: Instant) {
+        let Some((t0, r0)) = self.window else {
+            self.window = Some((now, remaining));
+            self.spent = 0.0;
+            return;
+        };
+        let dt = now.saturating_duration_since(t0);
+        if dt < OBSERVE_WINDOW {
+            return;
+        }
+        let dt = dt.as_secs_f64();
+        let rate = self.limit.rate_per_sec();
+        let short = 0.9 * self.limit.capacity() as f64;
+        if r0 < short && remaining < short {
+            // A sample may be negative (the counts are whole numbers, and lag by a round trip):
+            // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
+            let sample = (rate * dt - (remaining - r0) - self.spent) / dt;
+            self.foreign = (0.5 * self.foreign + 0.5 * sample).clamp(0.0, rate);
+        } else {
+            self.foreign *= 0.5;
+        }
+        self.window = Some((now, remaining));
+        self.spent = 0.0;
     }
 
     fn at(&mut self, now: Instant) -> f64 {
@@ -36,7 +95,7 @@ impl Level {
             let dt = (now - self.last).as_secs_f64();
             let cap = self.limit.capacity() as f64;
             if self.level < cap {
-                self.level = (self.level + dt * self.limit.rate_per_sec()).min(cap);
+                self.level = (self.level + dt * self.rate()).min(cap);
             }
             self.last = now;
         }
@@ -49,7 +108,7 @@ impl Level {
         if missing <= 0.0 {
             return Some(self.last);
         }
-        let rate = self.limit.rate_per_sec();
+        let rate = self.rate();
         if rate <= 0.0 {
             return None; // never
         }
@@ -66,6 +125,8 @@ impl Level {
             let remains = self.at(now);
             self.limit = limit;
             self.level = remains.min(limit.capacity() as f64);
+            // A window across the change would mix two rates.
+            self.window = None;
         }
     }
 }
@@ -378,7 +439,7 @@ impl MemoryStore {
             }
             let missing = need as f64 - level.at(now);
             if missing > EPSILON {
-                let rate = level.limit.rate_per_sec();
+                let rate = level.rate();
                 let d = if rate > 0.0 {
                     Duration::try_from_secs_f64(missing / rate).unwrap_or(Duration::MAX)
                 } else {
@@ -402,7 +463,7 @@ impl MemoryStore {
     ) -> Charged {
         for b in Bucket::ALL {
             if let Some(level) = part.level(&scope.limits, b, now) {
-                level.level -= cost.of(b) as f64;
+                level.take(cost.of(b) as f64);
                 charged = charged.with(i, b);
             }
         }
@@ -427,7 +488,9 @@ impl MemoryStore {
                 }
                 if let Some(level) = part.level(&scope.limits, b, now) {
                     let cap = level.limit.capacity() as f64;
-                    level.level = (level.at(now) - delta.of(b) as f64).min(cap);
+                    level.at(now);
+                    level.take(delta.of(b) as f64);
+                    level.level = level.level.min(cap);
                 }
             }
             parts.touched(scope.partition, now);
@@ -461,6 +524,7 @@ impl MemoryStore {
                 part.learned[i] = Some(limit);
             }
             if let (Some(r), Some(level)) = (l.remaining, part.levels[i].as_mut()) {
+                level.observe(r as f64, now);
                 if level.at(now) > r as f64 {
                     level.level = r as f64;
                 }
