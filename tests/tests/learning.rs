@@ -14,7 +14,7 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::budget::Limits as Learned;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
-use tower_quota_sim::{Background, Limits, MessagesRequest, SimConfig, Simulator};
+use tower_quota_sim::{Background, Dialect, Limits, MessagesRequest, SimConfig, Simulator};
 
 type Svc = BoxCloneService<Request<Full<Bytes>>, (), BoxError>;
 
@@ -195,4 +195,46 @@ async fn a_key_shared_with_another_client_paces_at_what_is_left() {
     );
     let alone = &o.per_second[40..o.per_second.len() - 1];
     assert!(alone.iter().all(|&n| n >= 19), "{alone:?}");
+}
+
+/// A server that sends no rate-limit headers, only `retry-after` on a 429; requests bind (600 a
+/// minute): the burst of 600, then 300 at 10 a second: about 30 s. At most 3 % of attempts 429,
+/// at least 95 % of the limit after the burst.
+#[tokio::test(start_paused = true)]
+async fn no_headers_requests_bind_the_rate_is_inferred_from_429s() {
+    let config = SimConfig::new(requests(600)).with_dialect(Dialect::None);
+    let o = run(config, 900, 16, Duration::from_secs(1)).await;
+    eprintln!("{o:?} 429 share {:.3}", o.share_429());
+    assert_eq!(o.failed, 0);
+    assert_eq!(o.early, 0);
+    assert!(o.share_429() <= 0.03, "{}", o.share_429());
+    // 300 after the burst at 95 % of 10 a second: 31.6 s.
+    assert!(
+        o.elapsed <= Duration::from_millis(31_600),
+        "{:?}",
+        o.elapsed
+    );
+}
+
+/// No headers; output tokens bind: 60 000 a minute, each request admitted on its `max_tokens`
+/// (200) and debited its real output (100): the burst of about 600, then 300 at 10 a second.
+#[tokio::test(start_paused = true)]
+async fn no_headers_output_tokens_bind_the_rate_is_inferred_from_429s() {
+    let limits = Limits {
+        otpm: Some(60_000),
+        ..Limits::unlimited()
+    };
+    let config = SimConfig::new(limits)
+        .with_dialect(Dialect::None)
+        .with_output_fraction(0.5);
+    let o = run(config, 900, 200, Duration::from_secs(1)).await;
+    eprintln!("{o:?} 429 share {:.3}", o.share_429());
+    assert_eq!(o.failed, 0);
+    assert_eq!(o.early, 0);
+    assert!(o.share_429() <= 0.03, "{}", o.share_429());
+    assert!(
+        o.elapsed <= Duration::from_millis(31_600),
+        "{:?}",
+        o.elapsed
+    );
 }

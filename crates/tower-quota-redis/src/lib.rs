@@ -822,7 +822,11 @@ impl BudgetStore for RedisStore {
             for l in learned {
                 let i = l.bucket as usize;
                 args[2 * i] = l.limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
-                args[2 * i + 1] = l.remaining.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+                // Redis's levels do not go below empty on a count: what is unseen is taken from
+                // the remaining count, down to nothing.
+                args[2 * i + 1] = l.remaining.map_or(-1, |n| {
+                    n.saturating_sub(l.unseen).min(i64::MAX as u64) as i64
+                });
             }
             let mut inv = self.inner.scripts.learn.prepare_invoke();
             inv.key(sk).key(lk).arg(&args[..]);
@@ -836,6 +840,8 @@ impl BudgetStore for RedisStore {
                             bucket: l.bucket,
                             limit: l.limit.map(|n| (n / w).max(1)),
                             remaining: l.remaining.map(|n| n / w),
+                            inferred: l.inferred,
+                            unseen: l.unseen / w,
                         })
                         .collect();
                     self.inner.fallback.learn(partition, &local).await?;

@@ -23,6 +23,9 @@ const SENT: u8 = 2;
 pub(crate) trait WireCell: Send + Sync + 'static {
     /// The mark's state.
     fn wire(&self) -> &AtomicU8;
+
+    /// The request entered (`1`) or left (`-1`) a queue of this crate's layers.
+    fn held(&self, _delta: isize) {}
 }
 
 impl WireCell for AtomicU8 {
@@ -58,8 +61,18 @@ pub(crate) fn mark(ext: &mut Extensions, mark: WireMark) {
 
 fn set(ext: &Extensions, state: u8) {
     if let Some(m) = ext.get::<Stamp>().and_then(|s| s.wire.as_ref()) {
-        m.0.wire().store(state, Ordering::SeqCst);
+        let before = m.0.wire().swap(state, Ordering::SeqCst);
+        match (before == PENDING, state == PENDING) {
+            (false, true) => m.0.held(1),
+            (true, false) => m.0.held(-1),
+            _ => {}
+        }
     }
+}
+
+/// Whether the request whose mark lives in `cell` is held in a queue of this crate's layers.
+pub(crate) fn is_held(cell: &dyn WireCell) -> bool {
+    cell.wire().load(Ordering::SeqCst) == PENDING
 }
 
 /// A layer took the request and may hold it before sending.
@@ -89,5 +102,36 @@ mod tests {
         assert!(!maybe_sent(&*c));
         sent(&ext);
         assert!(maybe_sent(&*c));
+    }
+
+    /// A cell that counts how many requests are held, as the budget's ledger does.
+    struct Counting(AtomicU8, std::sync::atomic::AtomicIsize);
+
+    impl WireCell for Counting {
+        fn wire(&self) -> &AtomicU8 {
+            &self.0
+        }
+
+        fn held(&self, delta: isize) {
+            self.1.fetch_add(delta, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn entering_and_leaving_a_queue_is_counted_once_each() {
+        let mut ext = Extensions::new();
+        let c = Arc::new(Counting(cell(), Default::default()));
+        mark(&mut ext, WireMark::new(c.clone()));
+        let held = || c.1.load(Ordering::SeqCst);
+        pending(&ext);
+        pending(&ext);
+        assert_eq!(held(), 1, "a second layer's pending is the same stay");
+        sent(&ext);
+        assert_eq!(held(), 0);
+        sent(&ext);
+        assert_eq!(held(), 0, "handed on twice, left once");
+        pending(&ext);
+        assert_eq!(held(), 1, "the next layer's queue");
+        assert!(is_held(&*c));
     }
 }

@@ -63,7 +63,7 @@ pub(super) fn answer<ResB>(
             return Err(e);
         }
     };
-    settle_answer(shared, partition, &handle, &mut res);
+    settle_answer(shared, partition, own, &handle, &mut res);
     if *probe {
         *probe = false;
         own.probed.store(true, Ordering::SeqCst);
@@ -84,6 +84,7 @@ pub(super) fn answer<ResB>(
 fn settle_answer<R>(
     shared: &Shared,
     partition: PartitionKey,
+    own: &Queue,
     handle: &ReservationHandle,
     res: &mut Response<R>,
 ) {
@@ -94,27 +95,8 @@ fn settle_answer<R>(
         // The retry and the gate read these again: parse once, cached.
         Signals::clone(&shared.ctx.signals(res))
     };
-    if shared.learn {
-        let learned: Vec<Learned> = Bucket::ALL
-            .iter()
-            .filter_map(|&b| {
-                let s = signals.bucket(b);
-                (s.limit.is_some() || s.remaining.is_some()).then_some(Learned {
-                    bucket: b,
-                    limit: s.limit,
-                    remaining: s.remaining,
-                })
-            })
-            .collect();
-        if !learned.is_empty() {
-            let store = shared.store.clone();
-            drive(async move {
-                if let Err(e) = store.learn(partition, &learned).await {
-                    tracing::warn!(error = %e.0, "budget: learning from headers failed");
-                }
-            });
-        }
-    }
+    // Refunded before the counts are learned: a 429's count (or the empty bucket it implies)
+    // already leaves this request out, and a refund after it would add it back.
     if outcome != Outcome::Success {
         // The server refused the request: it used nothing.
         handle.refund();
@@ -127,6 +109,45 @@ fn settle_answer<R>(
                     }
                 });
             }
+        }
+    }
+    if shared.learn {
+        let mut learned: Vec<Learned> = Bucket::ALL
+            .iter()
+            .filter_map(|&b| {
+                let s = signals.bucket(b);
+                (s.limit.is_some() || s.remaining.is_some()).then_some(Learned {
+                    bucket: b,
+                    limit: s.limit,
+                    remaining: s.remaining,
+                    inferred: false,
+                    unseen: 0,
+                })
+            })
+            .collect();
+        if learned.is_empty() && matches!(outcome, Outcome::Success | Outcome::RateLimited) {
+            // No headers: the request rate is inferred from the 429s.
+            learned.extend(
+                shared
+                    .inference
+                    .observe(partition, outcome == Outcome::RateLimited),
+            );
+        }
+        if !learned.is_empty() {
+            // The server's count leaves out the requests admitted here and still held in the
+            // layers inside (queued for a slot, or behind the gate): they will spend it.
+            let held = u64::try_from(own.held.load(Ordering::SeqCst)).unwrap_or(0);
+            for l in &mut learned {
+                if l.bucket == Bucket::Requests {
+                    l.unseen = held;
+                }
+            }
+            let store = shared.store.clone();
+            drive(async move {
+                if let Err(e) = store.learn(partition, &learned).await {
+                    tracing::warn!(error = %e.0, "budget: learning from headers failed");
+                }
+            });
         }
     }
 }

@@ -263,6 +263,8 @@ pub async fn learn(store: &dyn BudgetStore, namespace: u64) {
             bucket: Bucket::InputTokens,
             limit: Some(100),
             remaining: Some(remaining),
+            inferred: false,
+            unseen: 0,
         }]
     };
     store.learn(p, &seen(40)).await.expect("learn");

@@ -265,6 +265,7 @@ where
                                 *this.partition,
                                 *this.cost,
                                 charged,
+                                this.own.held.clone(),
                             );
                             if let Some(req) = req.as_mut() {
                                 crate::wire::mark(req.extensions_mut(), handle.wire_mark());

@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) max_queue: usize,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
+    /// Request rates inferred from 429s, for partitions whose server sends no headers.
+    pub(crate) inference: super::infer::Inference,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
     /// When to forget idle queues.
     sweep: crate::util::Sweep,
@@ -43,6 +45,9 @@ pub(crate) struct Queue {
     pub(crate) scopes: Arc<[Scope]>,
     /// Its requests waiting for the budget.
     pub(crate) waiting: AtomicUsize,
+    /// Its admitted requests still held in the layers inside (the concurrency limit's queue, the
+    /// Retry-After gate): the server has not counted them yet.
+    pub(crate) held: Arc<std::sync::atomic::AtomicIsize>,
 }
 
 /// Limits chosen per partition.
@@ -103,6 +108,7 @@ impl Shared {
             probed: AtomicBool::new(false),
             scopes: self.scopes(p),
             waiting: AtomicUsize::new(0),
+            held: Default::default(),
         });
         map.insert(p, q.clone());
         q
@@ -188,6 +194,7 @@ impl TokenBudgetLayer {
                 max_queue: config.max_queue,
                 learn: config.learn,
                 reconcile: config.reconcile,
+                inference: Default::default(),
                 turns: Mutex::new(HashMap::new()),
                 sweep: crate::util::Sweep::new(config.max_partitions),
                 global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),

@@ -88,6 +88,7 @@ pub mod conformance;
 mod error;
 mod estimate;
 pub mod future;
+mod infer;
 mod layer;
 mod reservation;
 mod service;

@@ -4,7 +4,7 @@ use crate::partition::PartitionKey;
 use crate::wire::{self, WireCell, WireMark};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicIsize, AtomicU8, Ordering};
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
@@ -34,11 +34,26 @@ struct Ledger {
     settled: Mutex<Option<Cost>>,
     /// Whether the request has left our layers (see [`WireMark`]).
     wire: AtomicU8,
+    /// Its partition's count of admitted requests still held in the layers inside.
+    held: Arc<AtomicIsize>,
 }
 
 impl WireCell for Ledger {
     fn wire(&self) -> &AtomicU8 {
         &self.wire
+    }
+
+    fn held(&self, delta: isize) {
+        self.held.fetch_add(delta, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Given up while held in a queue: it leaves the count.
+        if wire::is_held(self) {
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -56,6 +71,7 @@ impl ReservationHandle {
         partition: PartitionKey,
         estimate: Cost,
         charged: Charged,
+        held: Arc<AtomicIsize>,
     ) -> Self {
         Self(Arc::new(Ledger {
             store,
@@ -65,6 +81,7 @@ impl ReservationHandle {
             charged,
             settled: Mutex::new(None),
             wire: wire::cell(),
+            held,
         }))
     }
 

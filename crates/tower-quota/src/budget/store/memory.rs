@@ -30,7 +30,7 @@ struct Level {
 
 /// How long a window of the server's remaining counts is before it yields an estimate of what
 /// other clients take.
-const OBSERVE_WINDOW: Duration = Duration::from_secs(1);
+const OBSERVE_WINDOW: Duration = Duration::from_secs(3);
 
 impl Level {
     fn full(limit: Limit, now: Instant) -> Self {
@@ -57,12 +57,13 @@ impl Level {
         self.spent += amount;
     }
 
-    /// The server says `remaining` now. Over each window of about a second, what the server's
-    /// count lost beyond this store's own use and the refill is what other clients took:
+    /// The server says `remaining` now. Over each window of about three seconds (shorter ones
+    /// are thrown off by the pauses of the Retry-After gate), what the server's count lost beyond
+    /// this store's own use and the refill is what other clients took:
     /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the bucket is
     /// short of full at both ends (a full bucket's refill is capped, and nobody is limited);
     /// otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
-    /// within a few seconds.
+    /// within about ten seconds.
     fn observe(&mut self, remaining: f64, now: Instant) {
         let Some((t0, r0)) = self.window else {
             self.window = Some((now, remaining));
@@ -524,16 +525,19 @@ impl MemoryStore {
                 part.learned[i] = Some(limit);
             }
             if let (Some(r), Some(level)) = (l.remaining, part.levels[i].as_mut()) {
-                level.observe(r as f64, now);
-                if level.at(now) > r as f64 {
-                    level.level = r as f64;
+                if !l.inferred {
+                    level.observe(r as f64, now);
+                }
+                let target = r as f64 - l.unseen as f64;
+                if level.at(now) > target {
+                    level.level = target;
                 }
             } else if let (Some(r), None, Some(limit)) =
                 (l.remaining, part.levels[i], part.learned[i])
             {
                 // A bucket first learned from the server starts where the server says it is.
                 let mut level = Level::full(Limit::per_minute(limit), now);
-                level.level = level.level.min(r as f64);
+                level.level = level.level.min(r as f64 - l.unseen as f64);
                 part.levels[i] = Some(level);
             }
         }

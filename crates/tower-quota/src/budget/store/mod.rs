@@ -182,6 +182,14 @@ pub struct Learned {
     pub limit: Option<u64>,
     /// What is left, if the server said.
     pub remaining: Option<u64>,
+    /// The limit was inferred by the client (from 429s, when the server sends no rate-limit
+    /// headers), not said by the server: a guess to pace by, and `remaining` is the client's
+    /// reading of a 429 (empty). A store must not read it as the server's count (the
+    /// `MemoryStore` does not estimate other clients' use from it).
+    pub inferred: bool,
+    /// Units this client admitted that the server has not counted yet (requests still held in
+    /// the layers inside the budget): the level is pulled down to `remaining - unseen`.
+    pub unseen: u64,
 }
 
 /// A view of one partition's buckets.
