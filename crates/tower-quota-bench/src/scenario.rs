@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::budget::{Limit, Limits as ClientLimits};
-use tower_quota_sim::{AuditOutcome, Faults, Limits, MessagesRequest, SimConfig, Simulator};
+use tower_quota_sim::{
+    AuditOutcome, Background, Dialect, Faults, Limits, MessagesRequest, SimConfig, Simulator,
+};
 
 /// The bucket whose units measure goodput.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +118,106 @@ impl Scenario {
             ("sk-bench-c".into(), limits(900, 10_000_000, 10_000_000)),
         ];
         vec![rpm, itpm, otpm, unknown, overload, three]
+    }
+
+    /// The scenarios of learning limits that change or are shared (issue 11), scaled by
+    /// `requests`: the request limit halves or doubles 20 s in, another client takes half of the
+    /// key, the server sends no rate-limit headers (requests bind, or output tokens bind).
+    pub fn learning(requests: usize) -> Vec<Scenario> {
+        let all = Self::all(requests);
+        let rpm = |n| limits(n, 10_000_000, 10_000_000);
+        let with = |name, l: Limits, sim: SimConfig| Scenario {
+            name,
+            sim,
+            keys: vec![("sk-bench-a".to_owned(), l)],
+            ..all[0].clone()
+        };
+        let halves = with(
+            "limit halves 20 s in",
+            rpm(1200),
+            SimConfig::new(rpm(1200)).with_limit_change(Duration::from_secs(20), rpm(600)),
+        );
+        let doubles = with(
+            "limit doubles 20 s in",
+            rpm(600),
+            SimConfig::new(rpm(600)).with_limit_change(Duration::from_secs(20), rpm(1200)),
+        );
+        let shared = with(
+            "another client takes half",
+            rpm(1200),
+            SimConfig::new(rpm(1200)).with_background(Background {
+                rpm: 600,
+                from: Duration::ZERO,
+                until: Duration::MAX,
+                ..Background::default()
+            }),
+        );
+        let mut quiet = all[0].clone();
+        quiet.name = "no headers, requests bind";
+        quiet.sim = quiet.sim.with_dialect(Dialect::None);
+        let mut quiet_otpm = all[2].clone();
+        quiet_otpm.name = "no headers, output tokens bind";
+        quiet_otpm.sim = quiet_otpm.sim.with_dialect(Dialect::None);
+        vec![halves, doubles, shared, quiet, quiet_otpm]
+    }
+
+    /// What the binding bucket of a key whose limits start as `l` allowed this client from the
+    /// start until `t` seconds: its capacity, and the refill at the limit of each moment (the
+    /// scheduled changes) less what another client takes.
+    pub fn allowed(&self, l: Limits, t: f64) -> f64 {
+        let per_minute = |l: &Limits| {
+            match self.unit {
+                Unit::Requests => l.rpm,
+                Unit::InputTokens => l.itpm,
+                Unit::OutputTokens => l.otpm,
+            }
+            .unwrap_or(0) as f64
+        };
+        let taken = |s: f64| {
+            self.sim.background.map_or(0.0, |b| {
+                let on = s >= b.from.as_secs_f64() && s < b.until.as_secs_f64();
+                let r = match self.unit {
+                    Unit::Requests => b.rpm,
+                    Unit::InputTokens => b.itpm,
+                    Unit::OutputTokens => b.otpm,
+                };
+                if on { r as f64 } else { 0.0 }
+            })
+        };
+        // Piecewise constant: integrate in steps of 10 ms.
+        let mut sum = per_minute(&l) * l.burst_fraction;
+        let step: f64 = 0.01;
+        let mut s = 0.0;
+        while s < t {
+            let limit = self
+                .sim
+                .limit_changes
+                .iter()
+                .rev()
+                .find(|(at, _)| at.as_secs_f64() <= s)
+                .map_or(per_minute(&l), |(_, c)| per_minute(c));
+            let net = (limit - taken(s)).max(limit * 0.01);
+            sum += net / 60.0 * step.min(t - s);
+            s += step;
+        }
+        sum
+    }
+
+    /// How long a perfect client needs for `units` of the binding bucket.
+    pub fn ideal(&self, l: Limits, units: f64) -> f64 {
+        let (mut lo, mut hi) = (0.0, 1.0);
+        while self.allowed(l, hi) < units && hi < 1e6 {
+            hi *= 2.0;
+        }
+        for _ in 0..40 {
+            let mid = (lo + hi) / 2.0;
+            if self.allowed(l, mid) < units {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
     }
 
     /// The simulator for this scenario, `seed`ed.
@@ -328,9 +430,13 @@ pub async fn run(
             Unit::OutputTokens => l.otpm,
         }
         .unwrap_or(0) as f64;
-        let (capacity, rate) = (per_minute * l.burst_fraction, per_minute / 60.0);
         let share = (0..n).filter(|i| i % scenario.keys.len() == k).count() as f64;
-        let ideal = ((share * per_request - capacity).max(0.0)) / rate;
+        let ideal = if scenario.sim.limit_changes.is_empty() && scenario.sim.background.is_none() {
+            let (capacity, rate) = (per_minute * l.burst_fraction, per_minute / 60.0);
+            ((share * per_request - capacity).max(0.0)) / rate
+        } else {
+            scenario.ideal(*l, share * per_request)
+        };
         let done = results
             .iter()
             .filter(|r| r.5 % scenario.keys.len() == k)
@@ -339,7 +445,11 @@ pub async fn run(
             .unwrap_or(start)
             .saturating_duration_since(start)
             .as_secs_f64();
-        allowed += capacity + rate * done.max(ideal);
+        allowed += if scenario.sim.limit_changes.is_empty() && scenario.sim.background.is_none() {
+            per_minute * l.burst_fraction + per_minute / 60.0 * done.max(ideal)
+        } else {
+            scenario.allowed(*l, done.max(ideal))
+        };
         used += if sim.is_some() {
             audit
                 .iter()

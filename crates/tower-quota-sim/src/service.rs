@@ -89,10 +89,10 @@ impl KeyState {
         now: Instant,
     ) {
         while let Some(&(at, event)) = events.get(self.events_done) {
-            let t = start + at;
-            if t > now {
+            // An event too far away to name never comes.
+            let Some(t) = start.checked_add(at).filter(|&t| t <= now) else {
                 break;
-            }
+            };
             self.events_done += 1;
             match event {
                 Event::LimitChange(i) => {

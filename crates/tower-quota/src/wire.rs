@@ -24,7 +24,9 @@ pub(crate) trait WireCell: Send + Sync + 'static {
     /// The mark's state.
     fn wire(&self) -> &AtomicU8;
 
-    /// The request entered (`1`) or left (`-1`) a queue of this crate's layers.
+    /// The request became held (`1`: taken back into a queue of this crate's layers after it had
+    /// been handed on) or left for good as far as this mark knows (`-1`: handed on, or answered).
+    /// A fresh mark counts as held: granted, not yet handed to anyone.
     fn held(&self, _delta: isize) {}
 }
 
@@ -62,17 +64,27 @@ pub(crate) fn mark(ext: &mut Extensions, mark: WireMark) {
 fn set(ext: &Extensions, state: u8) {
     if let Some(m) = ext.get::<Stamp>().and_then(|s| s.wire.as_ref()) {
         let before = m.0.wire().swap(state, Ordering::SeqCst);
-        match (before == PENDING, state == PENDING) {
-            (false, true) => m.0.held(1),
-            (true, false) => m.0.held(-1),
+        match (before, state) {
+            (SENT, PENDING) => m.0.held(1),
+            (UNTOUCHED | PENDING, SENT) => m.0.held(-1),
             _ => {}
         }
     }
 }
 
-/// Whether the request whose mark lives in `cell` is held in a queue of this crate's layers.
+/// Whether the request whose mark lives in `cell` still counts as held: not handed on yet, or
+/// taken into a queue again.
 pub(crate) fn is_held(cell: &dyn WireCell) -> bool {
-    cell.wire().load(Ordering::SeqCst) == PENDING
+    cell.wire().load(Ordering::SeqCst) != SENT
+}
+
+/// The request whose mark lives in `cell` was answered: it is no longer held (if a service that
+/// does not mark requests sent it, or a layer answered it without sending, it leaves the count
+/// now).
+pub(crate) fn answered(cell: &dyn WireCell) {
+    if cell.wire().swap(SENT, Ordering::SeqCst) != SENT {
+        cell.held(-1);
+    }
 }
 
 /// A layer took the request and may hold it before sending.
@@ -118,14 +130,15 @@ mod tests {
     }
 
     #[test]
-    fn entering_and_leaving_a_queue_is_counted_once_each() {
+    fn a_request_is_held_until_handed_on_and_again_in_each_queue() {
         let mut ext = Extensions::new();
-        let c = Arc::new(Counting(cell(), Default::default()));
+        // A fresh mark counts as held (the ledger counts it when it is made).
+        let c = Arc::new(Counting(cell(), std::sync::atomic::AtomicIsize::new(1)));
         mark(&mut ext, WireMark::new(c.clone()));
         let held = || c.1.load(Ordering::SeqCst);
         pending(&ext);
         pending(&ext);
-        assert_eq!(held(), 1, "a second layer's pending is the same stay");
+        assert_eq!(held(), 1, "taken into a queue: the same stay");
         sent(&ext);
         assert_eq!(held(), 0);
         sent(&ext);
@@ -133,5 +146,17 @@ mod tests {
         pending(&ext);
         assert_eq!(held(), 1, "the next layer's queue");
         assert!(is_held(&*c));
+        answered(&*c);
+        assert_eq!(
+            held(),
+            0,
+            "answered without being handed on (a layer's refusal)"
+        );
+        answered(&*c);
+        assert_eq!(held(), 0);
+        // A service that marks nothing: held until answered.
+        let d = Arc::new(Counting(cell(), std::sync::atomic::AtomicIsize::new(1)));
+        answered(&*d);
+        assert_eq!(d.1.load(Ordering::SeqCst), 0);
     }
 }

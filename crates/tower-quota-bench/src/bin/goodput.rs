@@ -37,21 +37,11 @@ struct Args {
     json: bool,
 }
 
-fn main() {
-    let args = Args::parse();
-    let strategies = if args.strategy.is_empty() {
-        Strategy::ALL.to_vec()
-    } else {
-        args.strategy.clone()
-    };
-
-    println!(
-        "## In process, virtual time ({} requests, {} tasks, seed {})\n",
-        args.requests, args.tasks, args.seed
-    );
-    for scenario in Scenario::all(args.requests) {
+/// Every strategy in each of `scenarios`, in process under paused time; prints a table each.
+fn in_process(scenarios: Vec<Scenario>, strategies: &[Strategy], args: &Args) {
+    for scenario in scenarios {
         let mut cells = Vec::new();
-        for &s in &strategies {
+        for &s in strategies {
             // A fresh paused runtime per cell: every cell starts at the same virtual instant.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -74,6 +64,28 @@ fn main() {
             println!("### {}\n\n{}", scenario.name, table(&cells));
         }
     }
+}
+
+fn main() {
+    let args = Args::parse();
+    let strategies = if args.strategy.is_empty() {
+        Strategy::ALL.to_vec()
+    } else {
+        args.strategy.clone()
+    };
+
+    println!(
+        "## In process, virtual time ({} requests, {} tasks, seed {})\n",
+        args.requests, args.tasks, args.seed
+    );
+    in_process(Scenario::all(args.requests), &strategies, &args);
+
+    println!(
+        "## Learning limits that change or are shared: in process, virtual time ({} requests, {} \
+         tasks, seed {})\n",
+        args.requests, args.tasks, args.seed
+    );
+    in_process(Scenario::learning(args.requests), &strategies, &args);
 
     if args.http_requests == 0 {
         return;

@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
@@ -64,6 +65,11 @@ pin_project! {
         }
     }
 }
+
+/// The longest the head of a partition's queue sleeps before it asks the store again: a wait
+/// computed under one limit is not kept when a new one is learned (a wait of two minutes at a
+/// first guess of the rate once stalled a partition after the rate was measured ten times higher).
+const RECHECK: Duration = Duration::from_secs(1);
 
 pin_project! {
     #[project = StateProj]
@@ -307,11 +313,10 @@ where
                                 wait_ms = retry_in.as_millis() as u64,
                                 "budget: waiting"
                             );
+                            // Asked again within RECHECK however long the wait: a limit learned
+                            // meanwhile (a rise, a first measurement) may shorten it.
                             let now = Instant::now();
-                            *this.phase = Phase::Waiting(
-                                now.checked_add(retry_in)
-                                    .unwrap_or(now + crate::util::FAR_FUTURE),
-                            );
+                            *this.phase = Phase::Waiting(now + retry_in.min(RECHECK));
                         }
                     }
                 }

@@ -50,7 +50,7 @@ impl WireCell for Ledger {
 
 impl Drop for Ledger {
     fn drop(&mut self) {
-        // Given up while held in a queue: it leaves the count.
+        // Given up while held (never handed on, or in a queue): it leaves the count.
         if wire::is_held(self) {
             self.held.fetch_sub(1, Ordering::SeqCst);
         }
@@ -73,6 +73,8 @@ impl ReservationHandle {
         charged: Charged,
         held: Arc<AtomicIsize>,
     ) -> Self {
+        // Granted and not handed on yet: held until the layers inside hand it on.
+        held.fetch_add(1, Ordering::SeqCst);
         Self(Arc::new(Ledger {
             store,
             scopes,
@@ -178,7 +180,9 @@ impl NotSent {
 
     /// The inner service answered: from here the response decides.
     pub(crate) fn answered(mut self) -> ReservationHandle {
-        self.handle.take().expect("answered once")
+        let handle = self.handle.take().expect("answered once");
+        wire::answered(&*handle.0);
+        handle
     }
 }
 

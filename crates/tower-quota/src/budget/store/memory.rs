@@ -26,6 +26,9 @@ struct Level {
     window: Option<(Instant, f64)>,
     /// What this store took from the bucket since the window began.
     spent: f64,
+    /// The most the server has said remains since the limit was set: its bucket's capacity as
+    /// far as this store knows (a per-minute limit says nothing of the burst).
+    peak: f64,
 }
 
 /// How long a window of the server's remaining counts is before it yields an estimate of what
@@ -41,6 +44,7 @@ impl Level {
             foreign: 0.0,
             window: None,
             spent: 0.0,
+            peak: 0.0,
         }
     }
 
@@ -60,11 +64,12 @@ impl Level {
     /// The server says `remaining` now. Over each window of about three seconds (shorter ones
     /// are thrown off by the pauses of the Retry-After gate), what the server's count lost beyond
     /// this store's own use and the refill is what other clients took:
-    /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the bucket is
-    /// short of full at both ends (a full bucket's refill is capped, and nobody is limited);
-    /// otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
+    /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the server's
+    /// bucket is short of full at both ends (below 90 % of the most it has said remains: a full
+    /// bucket's refill is capped, and nobody is limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
     /// within about ten seconds.
     fn observe(&mut self, remaining: f64, now: Instant) {
+        self.peak = self.peak.max(remaining);
         let Some((t0, r0)) = self.window else {
             self.window = Some((now, remaining));
             self.spent = 0.0;
@@ -76,7 +81,7 @@ impl Level {
         }
         let dt = dt.as_secs_f64();
         let rate = self.limit.rate_per_sec();
-        let short = 0.9 * self.limit.capacity() as f64;
+        let short = 0.9 * self.peak;
         if r0 < short && remaining < short {
             // A sample may be negative (the counts are whole numbers, and lag by a round trip):
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
@@ -126,8 +131,10 @@ impl Level {
             let remains = self.at(now);
             self.limit = limit;
             self.level = remains.min(limit.capacity() as f64);
-            // A window across the change would mix two rates.
+            // A window across the change would mix two rates, and the server's capacity may have
+            // changed with it.
             self.window = None;
+            self.peak = 0.0;
         }
     }
 }
@@ -522,14 +529,25 @@ impl MemoryStore {
         for l in learned {
             let i = l.bucket as usize;
             if let Some(limit) = l.limit.filter(|&n| n > 0) {
-                part.learned[i] = Some(limit);
+                let before = part.learned[i].replace(limit);
+                // A level that follows the learned limit follows it now (a configured limit,
+                // which takes precedence, is left alone).
+                if let (Some(old), Some(level)) = (before, part.levels[i].as_mut()) {
+                    if level.limit == Limit::per_minute(old) {
+                        level.relimit(Limit::per_minute(limit), now);
+                    }
+                }
             }
             if let (Some(r), Some(level)) = (l.remaining, part.levels[i].as_mut()) {
                 if !l.inferred {
                     level.observe(r as f64, now);
                 }
                 let target = r as f64 - l.unseen as f64;
-                if level.at(now) > target {
+                // A server's count pulls the level down, never up (an older answer may arrive
+                // after a newer one). A 429 read by the inference is the moment's truth (the
+                // server is empty now): it sets the level both ways, undoing a refill counted at
+                // a guess of the rate that proved too low.
+                if level.at(now) > target || l.inferred {
                     level.level = target;
                 }
             } else if let (Some(r), None, Some(limit)) =
