@@ -121,9 +121,9 @@ impl Scenario {
     }
 
     /// The scenarios of learning limits that change or are shared (issue 11), scaled by
-    /// `requests`: the request limit halves or doubles 20 s in, another client takes half of the
-    /// key, the server sends no rate-limit headers (requests bind, or output tokens bind).
-    pub fn learning(requests: usize) -> Vec<Scenario> {
+    /// `requests`: the request limit halves or doubles `change_at` in, another client takes half
+    /// of the key, the server sends no rate-limit headers (requests bind, or output tokens bind).
+    pub fn learning(requests: usize, change_at: Duration) -> Vec<Scenario> {
         let all = Self::all(requests);
         let rpm = |n| limits(n, 10_000_000, 10_000_000);
         let with = |name, l: Limits, sim: SimConfig| Scenario {
@@ -133,14 +133,14 @@ impl Scenario {
             ..all[0].clone()
         };
         let halves = with(
-            "limit halves 20 s in",
+            "limit halves mid-burst",
             rpm(1200),
-            SimConfig::new(rpm(1200)).with_limit_change(Duration::from_secs(20), rpm(600)),
+            SimConfig::new(rpm(1200)).with_limit_change(change_at, rpm(600)),
         );
         let doubles = with(
-            "limit doubles 20 s in",
+            "limit doubles mid-burst",
             rpm(600),
-            SimConfig::new(rpm(600)).with_limit_change(Duration::from_secs(20), rpm(1200)),
+            SimConfig::new(rpm(600)).with_limit_change(change_at, rpm(1200)),
         );
         let shared = with(
             "another client takes half",
@@ -159,6 +159,30 @@ impl Scenario {
         quiet_otpm.name = "no headers, output tokens bind";
         quiet_otpm.sim = quiet_otpm.sim.with_dialect(Dialect::None);
         vec![halves, doubles, shared, quiet, quiet_otpm]
+    }
+
+    /// The same scenario with every limit (and the other client's share) `k` times higher, so a
+    /// real-HTTP cell takes seconds, not minutes.
+    pub fn scaled(mut self, k: u64) -> Scenario {
+        let up = |l: &mut Limits| {
+            l.rpm = l.rpm.map(|n| n * k);
+            l.itpm = l.itpm.map(|n| n * k);
+            l.otpm = l.otpm.map(|n| n * k);
+            l.tpm = l.tpm.map(|n| n * k);
+        };
+        for (_, l) in &mut self.keys {
+            up(l);
+        }
+        up(&mut self.sim.limits);
+        for (_, l) in &mut self.sim.limit_changes {
+            up(l);
+        }
+        if let Some(b) = &mut self.sim.background {
+            b.rpm *= k;
+            b.itpm *= k;
+            b.otpm *= k;
+        }
+        self
     }
 
     /// What the binding bucket of a key whose limits start as `l` allowed this client from the

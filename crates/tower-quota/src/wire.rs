@@ -28,6 +28,11 @@ pub(crate) trait WireCell: Send + Sync + 'static {
     /// been handed on) or left for good as far as this mark knows (`-1`: handed on, or answered).
     /// A fresh mark counts as held: granted, not yet handed to anyone.
     fn held(&self, _delta: isize) {}
+
+    /// A layer handed the request on (it leaves the count, and may be on the wire now).
+    fn left(&self) {
+        self.held(-1);
+    }
 }
 
 impl WireCell for AtomicU8 {
@@ -66,7 +71,7 @@ fn set(ext: &Extensions, state: u8) {
         let before = m.0.wire().swap(state, Ordering::SeqCst);
         match (before, state) {
             (SENT, PENDING) => m.0.held(1),
-            (UNTOUCHED | PENDING, SENT) => m.0.held(-1),
+            (UNTOUCHED | PENDING, SENT) => m.0.left(),
             _ => {}
         }
     }

@@ -85,7 +85,11 @@ fn main() {
          tasks, seed {})\n",
         args.requests, args.tasks, args.seed
     );
-    in_process(Scenario::learning(args.requests), &strategies, &args);
+    in_process(
+        Scenario::learning(args.requests, Duration::from_secs(20)),
+        &strategies,
+        &args,
+    );
 
     if args.http_requests == 0 {
         return;
@@ -98,19 +102,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    // The main scenarios, with limits ten times higher so a cell takes seconds, not minutes.
+    // The main scenarios, and the learning ones (the limit changing 2 s in), with limits ten
+    // times higher so a cell takes seconds, not minutes.
     let scenarios: Vec<Scenario> = Scenario::all(args.http_requests)
         .into_iter()
         .filter(|s| matches!(s.name, "RPM-bound" | "OTPM-bound, output 30 %"))
-        .map(|mut s| {
-            for (_, l) in &mut s.keys {
-                l.rpm = l.rpm.map(|n| n * 10);
-                l.itpm = l.itpm.map(|n| n * 10);
-                l.otpm = l.otpm.map(|n| n * 10);
-            }
-            s.sim.limits = s.keys[0].1;
-            s
-        })
+        .chain(Scenario::learning(
+            args.http_requests,
+            Duration::from_secs(2),
+        ))
+        .map(|s| s.scaled(10))
         .collect();
     for scenario in scenarios {
         let mut cells = Vec::new();

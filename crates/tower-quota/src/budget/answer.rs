@@ -127,11 +127,11 @@ fn settle_answer<R>(
             .collect();
         if learned.is_empty() && matches!(outcome, Outcome::Success | Outcome::RateLimited) {
             // No headers: the request rate is inferred from the 429s.
-            learned.extend(
-                shared
-                    .inference
-                    .observe(partition, outcome == Outcome::RateLimited),
-            );
+            learned.extend(shared.inference.observe(
+                partition,
+                outcome == Outcome::RateLimited,
+                handle.sent_at(),
+            ));
         }
         if !learned.is_empty() {
             // The server's count leaves out the requests admitted here and still held in the

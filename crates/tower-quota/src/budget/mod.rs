@@ -28,9 +28,29 @@
 //!    unsettled keeps its estimate; a request that was never sent, or that the server refused
 //!    (a 4xx or 5xx status, a connection that could not be made), gives everything back.
 //! 4. **Learn** from the server: `*-limit` headers create the buckets the user did not configure,
-//!    `*-remaining` pulls a bucket down to what the server says is left (never up), and a 429's
-//!    hint pauses the partition in the store. The budget converges to the server's truth, and works
-//!    with no limits configured at all.
+//!    `*-remaining` pulls a bucket down to what the server says is left (never up), less the
+//!    requests admitted here that the layers inside still hold (the server has not counted them
+//!    yet), and a 429's hint pauses the partition in the store. The budget converges to the
+//!    server's truth, and works with no limits configured at all. See *Limits that change or are
+//!    shared* below.
+//!
+//! # Limits that change or are shared
+//!
+//! - **A limit that changes** (an organisation's tier moves): the bucket follows the new limit at
+//!   once, keeping what remains (up to the new capacity). Keeping what was *used* instead, as
+//!   this crate did before, turned a halved limit into a debt of the old capacity: a minute
+//!   without sending and with no 429 to explain it.
+//! - **A key shared with other clients**: the server's remaining count after each response is the
+//!   truth about everybody's use. Over windows of a few seconds, the [`MemoryStore`] compares it
+//!   with its own use and the refill; the difference is what others take, smoothed, and the
+//!   bucket refills at the limit's rate less that. When the others stop, the estimate decays
+//!   within about ten seconds. (The Redis store does not estimate this yet: a fleet sharing a key
+//!   with clients outside it relies on the remaining counts and the gate.)
+//! - **A server that sends no rate-limit headers**, only `retry-after`: the request rate is
+//!   inferred from the 429s (between two of them the server's bucket went from empty to empty: the
+//!   successes in between are its refill) and taught to the store as a learned limit, so the
+//!   partition is paced instead of refused; it rises by 2 % every 10 s without a 429 to find a
+//!   limit that grew. Measured in `tests/tests/learning.rs` and in BENCHMARKS.md.
 //!
 //! State lives behind the [`BudgetStore`] trait ([`store`] has what an implementation needs):
 //! [`MemoryStore`] by default, a Redis store for many processes sharing one key (crate

@@ -4,7 +4,7 @@ use crate::partition::PartitionKey;
 use crate::wire::{self, WireCell, WireMark};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicIsize, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU8, AtomicU64, Ordering};
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
@@ -36,6 +36,10 @@ struct Ledger {
     wire: AtomicU8,
     /// Its partition's count of admitted requests still held in the layers inside.
     held: Arc<AtomicIsize>,
+    /// When it was admitted.
+    admitted: tokio::time::Instant,
+    /// When a layer inside last handed it on, in nanoseconds after `admitted` (0: never).
+    sent_after: AtomicU64,
 }
 
 impl WireCell for Ledger {
@@ -45,6 +49,15 @@ impl WireCell for Ledger {
 
     fn held(&self, delta: isize) {
         self.held.fetch_add(delta, Ordering::SeqCst);
+    }
+
+    fn left(&self) {
+        let after = tokio::time::Instant::now().saturating_duration_since(self.admitted);
+        self.sent_after.store(
+            u64::try_from(after.as_nanos()).unwrap_or(u64::MAX).max(1),
+            Ordering::SeqCst,
+        );
+        self.held(-1);
     }
 }
 
@@ -84,12 +97,21 @@ impl ReservationHandle {
             settled: Mutex::new(None),
             wire: wire::cell(),
             held,
+            admitted: tokio::time::Instant::now(),
+            sent_after: AtomicU64::new(0),
         }))
     }
 
     /// The mark the layers inside flip as they hold and hand on the request.
     pub(crate) fn wire_mark(&self) -> WireMark {
         WireMark::new(self.0.clone())
+    }
+
+    /// When the request left the layers inside for the wire, as far as they say (when it was
+    /// admitted, if none of them marks requests).
+    pub(crate) fn sent_at(&self) -> tokio::time::Instant {
+        let after = self.0.sent_after.load(Ordering::SeqCst);
+        self.0.admitted + std::time::Duration::from_nanos(after)
     }
 
     /// What was reserved.
