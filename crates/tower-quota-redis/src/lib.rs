@@ -317,11 +317,7 @@ impl RedisStore {
         if debts.is_empty() {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        rt.spawn(async move {
+        self.in_background(|store| async move {
             for (_, (scopes, delta)) in debts {
                 if !store.redis_adjust(&scopes, delta).await {
                     store.owe(&scopes, delta);
@@ -557,6 +553,17 @@ impl RedisStore {
         }
     }
 
+    /// Runs `work` with a clone of the store on the current tokio runtime (nothing, outside one).
+    fn in_background<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(RedisStore) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(work(self.clone()));
+        }
+    }
+
     /// Remembers a reservation whose call went unanswered, to cancel it when Redis answers again.
     fn unsure(&self, scopes: &[Scope], id: String) {
         let mut late = self.inner.late.lock().unwrap_or_else(|e| e.into_inner());
@@ -572,11 +579,7 @@ impl RedisStore {
         if late.is_empty() {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        rt.spawn(async move {
+        self.in_background(|store| async move {
             for (scopes, id) in late {
                 let mut inv = store.inner.scripts.cancel.prepare_invoke();
                 store.scope_keys(&mut inv, &scopes);

@@ -24,6 +24,16 @@ fn post(base: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A simulator with no limits, served on a loopback port.
+async fn unlimited() -> tower_quota_sim::ServerHandle {
+    serve(
+        Simulator::new(SimConfig::new(Limits::unlimited())),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
 fn canary(base: &str) -> Request<Full<Bytes>> {
     post(
         base,
@@ -60,12 +70,7 @@ async fn overflowing_numbers_get_an_answer_and_the_audit_never_wraps() {
 
 #[tokio::test]
 async fn an_oversized_body_is_refused_with_413() {
-    let server = serve(
-        Simulator::new(SimConfig::new(Limits::unlimited())),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let server = unlimited().await;
     let base = server.base_url();
     // 40 MB: over the API's 32 MB.
     let big = vec![b' '; 40 << 20];
@@ -83,12 +88,7 @@ async fn an_oversized_body_is_refused_with_413() {
 /// still sends) after at most 32 MB is read, and a canary is answered meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_bodies_of_100_mb_at_once_leave_the_server_responsive() {
-    let server = serve(
-        Simulator::new(SimConfig::new(Limits::unlimited())),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let server = unlimited().await;
     let base = server.base_url();
     // One buffer, shared by the four requests (`Bytes` clones share it).
     let big = Bytes::from(vec![b' '; 100 << 20]);
@@ -122,12 +122,7 @@ async fn four_bodies_of_100_mb_at_once_leave_the_server_responsive() {
 
 #[tokio::test(start_paused = true)]
 async fn connections_that_never_finish_their_headers_are_closed() {
-    let server = serve(
-        Simulator::new(SimConfig::new(Limits::unlimited())),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let server = unlimited().await;
     let addr = server.local_addr();
     let mut slow = Vec::new();
     for _ in 0..50 {
