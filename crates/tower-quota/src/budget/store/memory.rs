@@ -29,6 +29,8 @@ struct Level {
     /// The most the server has said remains since the limit was set: its bucket's capacity as
     /// far as this store knows (a per-minute limit says nothing of the burst).
     peak: f64,
+    /// Whether `foreign` has been measured at least once.
+    sampled: bool,
 }
 
 /// How long a window of the server's remaining counts is before it yields an estimate of what
@@ -45,6 +47,7 @@ impl Level {
             window: None,
             spent: 0.0,
             peak: 0.0,
+            sampled: false,
         }
     }
 
@@ -86,7 +89,15 @@ impl Level {
             // A sample may be negative (the counts are whole numbers, and lag by a round trip):
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
             let sample = (rate * dt - (remaining - r0) - self.spent) / dt;
-            self.foreign = (0.5 * self.foreign + 0.5 * sample).clamp(0.0, rate);
+            // The first sample is the first knowledge (the 0 before it was none): it is taken
+            // whole; later ones are averaged in.
+            let smoothed = if self.sampled {
+                0.5 * self.foreign + 0.5 * sample
+            } else {
+                sample
+            };
+            self.foreign = smoothed.clamp(0.0, rate);
+            self.sampled = true;
         } else {
             self.foreign *= 0.5;
         }
