@@ -104,19 +104,15 @@ async fn four_bodies_of_100_mb_at_once_leave_the_server_responsive() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     for f in floods {
-        match f.await.unwrap() {
-            Ok(res) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE),
-            // The server answered 413 and closed while the client was still sending.
-            Err(e) => assert!(
-                e.is_connect() || e.to_string().contains("connection"),
-                "{e}"
-            ),
+        // A flood is answered 413, or its send fails: the server answered and closed while the
+        // client was still sending (how hyper reports it varies with the timing). None succeeds.
+        if let Ok(res) = f.await.unwrap() {
+            assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
         }
     }
-    assert!(
-        server.simulator().summary().total.rejected >= 1,
-        "a 413 was recorded"
-    );
+    // Every flood was refused by the server, whatever the client saw.
+    let s = server.simulator().summary().total;
+    assert_eq!((s.rejected, s.ok), (4, 1), "{s:?}");
     server.shutdown().await;
 }
 
