@@ -30,6 +30,7 @@ use super::store::Learned;
 use crate::partition::PartitionKey;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -61,6 +62,10 @@ struct Partition {
 /// The inferred rates of every partition.
 #[derive(Debug, Default)]
 pub(crate) struct Inference {
+    /// Whether any partition has had a 429 without headers: until then a success teaches
+    /// nothing, and is not even looked up (the common case: a server that sends headers, or one
+    /// that never refused).
+    armed: AtomicBool,
     parts: Mutex<HashMap<PartitionKey, Partition>>,
 }
 
@@ -76,6 +81,11 @@ impl Inference {
         rate_limited: bool,
         sent: Instant,
     ) -> Lesson {
+        if rate_limited {
+            self.armed.store(true, Ordering::Relaxed);
+        } else if !self.armed.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if !parts.contains_key(&partition) && parts.len() >= MAX_PARTITIONS {
