@@ -68,8 +68,9 @@ impl Level {
     /// are thrown off by the pauses of the Retry-After gate), what the server's count lost beyond
     /// this store's own use and the refill is what other clients took:
     /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the server's
-    /// bucket is short of full at both ends (below 90 % of the most it has said remains: a full
-    /// bucket's refill is capped, and nobody is limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
+    /// bucket is short of full at both ends (below 90 % of the most it has said remains, when that
+    /// was at least a twentieth of the limit: a full bucket's refill is capped, and nobody is
+    /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
     /// within about ten seconds.
     fn observe(&mut self, remaining: f64, now: Instant) {
         self.peak = self.peak.max(remaining);
@@ -84,7 +85,14 @@ impl Level {
         }
         let dt = dt.as_secs_f64();
         let rate = self.limit.rate_per_sec();
-        let short = 0.9 * self.peak;
+        // A level that has never been above a twentieth of the limit (three seconds' worth) is
+        // taken as short of full whatever it was: few servers keep a burst that small, and a
+        // level held down by another client must not pass for a full bucket.
+        let short = if self.peak >= self.limit.per_minute as f64 / 20.0 {
+            0.9 * self.peak
+        } else {
+            f64::INFINITY
+        };
         if r0 < short && remaining < short {
             // A sample may be negative (the counts are whole numbers, and lag by a round trip):
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
@@ -632,6 +640,90 @@ mod tests {
             partition: p,
             limits: Limits::new().rpm(rpm),
         }]
+    }
+
+    /// The server's count, learned.
+    fn count(remaining: u64, unseen: u64) -> [Learned; 1] {
+        [Learned {
+            bucket: Bucket::Requests,
+            limit: None,
+            remaining: Some(remaining),
+            inferred: false,
+            unseen,
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_another_client_takes_slows_the_refill_and_is_forgotten_when_it_stops() {
+        // 600 a minute (10 a second); this store takes 4 a second, the server's count shows 10
+        // gone each second: another client takes 6.
+        let store = MemoryStore::new(10);
+        let p = PartitionKey::from_u64(7);
+        let s = scope(p, 600);
+        let level = |store: &MemoryStore| store.snapshot_now(p, s[0].limits).unwrap().buckets[0];
+        assert!(matches!(
+            store.reserve_now(&s, Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        store.learn_now(p, &count(5, 0));
+        let mut remaining = 5;
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            for _ in 0..4 {
+                assert!(matches!(
+                    store.reserve_now(&s, Cost::new(0, 0)),
+                    Admission::Granted { .. }
+                ));
+            }
+            // The server refilled 10 and counted 4 of ours and 6 of the other client's.
+            store.learn_now(p, &count(remaining, 0));
+            remaining = remaining + 10 - 4 - 6;
+        }
+        let parts = store.lock();
+        let foreign = parts.map[&p].levels[0].unwrap().foreign;
+        drop(parts);
+        assert!((foreign - 6.0).abs() < 0.5, "{foreign}");
+        // The bucket now refills at 4 a second, not 10.
+        store.learn_now(p, &count(0, 0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (l, _) = level(&store).unwrap();
+        assert!((l - 4.0).abs() < 0.5, "{l}");
+        // The other client stops: the server's count climbs to full, and the estimate decays.
+        for r in [500, 550, 590, 599] {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            store.learn_now(p, &count(r, 0));
+        }
+        let foreign = store.lock().map[&p].levels[0].unwrap().foreign;
+        assert!(foreign < 1.0, "{foreign}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_count_leaves_out_the_requests_still_held_inside() {
+        let store = MemoryStore::new(10);
+        let p = PartitionKey::from_u64(8);
+        let s = scope(p, 600);
+        assert!(matches!(
+            store.reserve_now(&s, Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        // The server says 50 remain; 20 admitted here have not reached it yet.
+        store.learn_now(p, &count(50, 20));
+        let (l, _) = store.snapshot_now(p, s[0].limits).unwrap().buckets[0].unwrap();
+        assert_eq!(l, 30.0);
+        // A count never raises a level (an older answer may arrive late)...
+        store.learn_now(p, &count(80, 0));
+        let (l, _) = store.snapshot_now(p, s[0].limits).unwrap().buckets[0].unwrap();
+        assert_eq!(l, 30.0);
+        // ...but a 429 read by the inference sets it: the server is empty now.
+        store.learn_now(
+            p,
+            &[Learned {
+                inferred: true,
+                ..count(0, 5)[0]
+            }],
+        );
+        let (l, _) = store.snapshot_now(p, s[0].limits).unwrap().buckets[0].unwrap();
+        assert_eq!(l, -5.0);
     }
 
     #[tokio::test(start_paused = true)]
