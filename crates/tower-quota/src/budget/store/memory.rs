@@ -679,9 +679,7 @@ mod tests {
             store.learn_now(p, &count(remaining, 0));
             remaining = remaining + 10 - 4 - 6;
         }
-        let parts = store.lock();
-        let foreign = parts.map[&p].levels[0].unwrap().foreign;
-        drop(parts);
+        let foreign = store.lock().map[&p].levels[0].unwrap().foreign;
         assert!((foreign - 6.0).abs() < 0.5, "{foreign}");
         // The bucket now refills at 4 a second, not 10.
         store.learn_now(p, &count(0, 0));
