@@ -439,13 +439,20 @@ impl RedisStore {
         self.inner.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn keys(&self, p: PartitionKey) -> (String, String) {
+    /// A key of partition `p` (`s` its state, `l` its learned limits, `r:<id>` a receipt), in the
+    /// partition's hash slot, or in the store's one slot ([`RedisStore::single_slot`]).
+    fn key(&self, p: PartitionKey, suffix: &str) -> String {
         let prefix = &self.inner.prefix;
         if self.inner.single_slot {
-            (format!("{{{prefix}}}{p}:s"), format!("{{{prefix}}}{p}:l"))
+            format!("{{{prefix}}}{p}:{suffix}")
         } else {
-            (format!("{prefix}{{{p}}}:s"), format!("{prefix}{{{p}}}:l"))
+            format!("{prefix}{{{p}}}:{suffix}")
         }
+    }
+
+    /// The state and learned-limits keys of partition `p`.
+    fn keys(&self, p: PartitionKey) -> (String, String) {
+        (self.key(p, "s"), self.key(p, "l"))
     }
 
     /// Whether to ask Redis now (up, or down long enough to try again).
@@ -598,12 +605,7 @@ impl RedisStore {
         let p = scopes
             .first()
             .map_or(PartitionKey::ANONYMOUS, |s| s.partition);
-        let prefix = &self.inner.prefix;
-        if self.inner.single_slot {
-            format!("{{{prefix}}}{p}:r:{id}")
-        } else {
-            format!("{prefix}{{{p}}}:r:{id}")
-        }
+        self.key(p, &format!("r:{id}"))
     }
 
     /// The scopes as the fallback sees them: each limit divided among the workers.

@@ -10,8 +10,10 @@
 //! Keys: per partition, a state hash `{prefix}{<fingerprint>}:s` (fields `t<b>`, `i<b>` the interval
 //! in microseconds, `c<b>` the capacity, `cd` the cooldown's end, `z` the moment every bucket
 //! without a `t<b>` was last known empty) whose TTL is the time until every bucket is full again
-//! and at least [`KEEP`] after its last write, and a hash of learned limits `{prefix}{<fingerprint>}:l` (fields `l<b>`,
-//! TTL one hour). The braces make the partition's keys share a hash slot (cluster-safe).
+//! and at least [`KEEP`] after its last write; a hash of learned limits
+//! `{prefix}{<fingerprint>}:l` (fields `l<b>`, TTL one hour); and per granted reservation a
+//! receipt `{prefix}{<fingerprint>}:r:<id>` (one minute). The braces make the partition's keys
+//! share a hash slot (cluster-safe).
 //!
 //! Limits travel with every call (per scope: per-minute limit and capacity for each bucket, 0 for
 //! unset), so changing them needs no migration.
@@ -20,8 +22,11 @@
 //! persistence) is not taken as full: each call says which of its scopes the process wrote within
 //! [`KNOWN_FOR`] (shorter than [`KEEP`], so such a state cannot have expired on its own), and a
 //! missing state of a known scope is recreated empty (`z` = now): it refills from nothing, at the
-//! limit's rate. Redis has lost what the fleet spent; the safe side is to assume it spent it all. Replies are integers only: Lua numbers are doubles
-//! and Redis truncates them when it returns them.
+//! limit's rate. Redis has lost what the fleet spent; the safe side is to assume it spent it all.
+//!
+//! Replies are integers only: Lua numbers are doubles and Redis truncates them when it returns
+//! them. Every script but the heartbeat ends its arguments with [`KEEP`] and the mask of the
+//! scopes the caller knows (bit s for scope s: written by this process within [`KNOWN_FOR`]).
 
 /// The fleet's heartbeat: KEYS[1] the workers' sorted set, ARGV[1] this process's id, ARGV[2] how
 /// long a member counts after its last beat (ms). Reply: the processes alive now.
@@ -35,9 +40,6 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return redis.call('ZCARD', KEYS[1])
 "#;
 
-/// What the scripts but the heartbeat share. Each ends its arguments with [`KEEP`] and the mask of
-/// the scopes the caller knows (bit s for scope s: written by this process within [`KNOWN_FOR`]).
-///
 /// How long a partition's state outlives its last write (ms), at least.
 pub(crate) const KEEP: u64 = 15 * 60 * 1000;
 
@@ -45,6 +47,7 @@ pub(crate) const KEEP: u64 = 15 * 60 * 1000;
 /// shorter than [`KEEP`] by a margin for the clocks.
 pub(crate) const KNOWN_FOR: u64 = 10 * 60 * 1000;
 
+/// What the scripts but the heartbeat share: the clock, the state, the limits, the buckets.
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
