@@ -185,18 +185,21 @@ impl Scenario {
         self
     }
 
+    /// The binding bucket's per-minute limit in `l` (0: none).
+    pub fn per_minute(&self, l: &Limits) -> f64 {
+        match self.unit {
+            Unit::Requests => l.rpm,
+            Unit::InputTokens => l.itpm,
+            Unit::OutputTokens => l.otpm,
+        }
+        .unwrap_or(0) as f64
+    }
+
     /// What the binding bucket of a key whose limits start as `l` allowed this client from the
     /// start until `t` seconds: its capacity, and the refill at the limit of each moment (the
-    /// scheduled changes) less what another client takes.
+    /// scheduled changes) less what another client takes. Exact: the rate is constant between
+    /// the scheduled events.
     pub fn allowed(&self, l: Limits, t: f64) -> f64 {
-        let per_minute = |l: &Limits| {
-            match self.unit {
-                Unit::Requests => l.rpm,
-                Unit::InputTokens => l.itpm,
-                Unit::OutputTokens => l.otpm,
-            }
-            .unwrap_or(0) as f64
-        };
         let taken = |s: f64| {
             self.sim.background.map_or(0.0, |b| {
                 let on = s >= b.from.as_secs_f64() && s < b.until.as_secs_f64();
@@ -208,21 +211,36 @@ impl Scenario {
                 if on { r as f64 } else { 0.0 }
             })
         };
-        // Piecewise constant: integrate in steps of 10 ms.
-        let mut sum = per_minute(&l) * l.burst_fraction;
-        let step: f64 = 0.01;
-        let mut s = 0.0;
-        while s < t {
-            let limit = self
-                .sim
+        let limit_at = |s: f64| {
+            self.sim
                 .limit_changes
                 .iter()
                 .rev()
                 .find(|(at, _)| at.as_secs_f64() <= s)
-                .map_or(per_minute(&l), |(_, c)| per_minute(c));
-            let net = (limit - taken(s)).max(limit * 0.01);
-            sum += net / 60.0 * step.min(t - s);
-            s += step;
+                .map_or(self.per_minute(&l), |(_, c)| self.per_minute(c))
+        };
+        // The moments the rate changes, within (0, t).
+        let mut cuts: Vec<f64> = self
+            .sim
+            .limit_changes
+            .iter()
+            .map(|(at, _)| at.as_secs_f64())
+            .chain(
+                self.sim
+                    .background
+                    .iter()
+                    .flat_map(|b| [b.from.as_secs_f64(), b.until.as_secs_f64()]),
+            )
+            .filter(|&c| c > 0.0 && c < t)
+            .collect();
+        cuts.sort_by(f64::total_cmp);
+        let mut sum = self.per_minute(&l) * l.burst_fraction;
+        let mut from = 0.0;
+        for to in cuts.into_iter().chain([t]) {
+            let limit = limit_at(from);
+            let net = (limit - taken(from)).max(limit * 0.01);
+            sum += net / 60.0 * (to - from).max(0.0);
+            from = to;
         }
         sum
     }
@@ -448,19 +466,8 @@ pub async fn run(
     let (mut used, mut allowed) = (0.0, 0.0);
     for (k, (key, l)) in scenario.keys.iter().enumerate() {
         let fp = tower_quota_sim::fingerprint(key);
-        let per_minute = match scenario.unit {
-            Unit::Requests => l.rpm,
-            Unit::InputTokens => l.itpm,
-            Unit::OutputTokens => l.otpm,
-        }
-        .unwrap_or(0) as f64;
         let share = (0..n).filter(|i| i % scenario.keys.len() == k).count() as f64;
-        let ideal = if scenario.sim.limit_changes.is_empty() && scenario.sim.background.is_none() {
-            let (capacity, rate) = (per_minute * l.burst_fraction, per_minute / 60.0);
-            ((share * per_request - capacity).max(0.0)) / rate
-        } else {
-            scenario.ideal(*l, share * per_request)
-        };
+        let ideal = scenario.ideal(*l, share * per_request);
         let done = results
             .iter()
             .filter(|r| r.5 % scenario.keys.len() == k)
@@ -469,11 +476,7 @@ pub async fn run(
             .unwrap_or(start)
             .saturating_duration_since(start)
             .as_secs_f64();
-        allowed += if scenario.sim.limit_changes.is_empty() && scenario.sim.background.is_none() {
-            per_minute * l.burst_fraction + per_minute / 60.0 * done.max(ideal)
-        } else {
-            scenario.allowed(*l, done.max(ideal))
-        };
+        allowed += scenario.allowed(*l, done.max(ideal));
         used += if sim.is_some() {
             audit
                 .iter()
