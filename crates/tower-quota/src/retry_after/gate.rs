@@ -112,24 +112,18 @@ impl Drop for Gates<'_> {
 }
 
 impl Shared {
-    pub(crate) fn new(
-        ctx: QuotaContext,
-        max_wait: Option<Duration>,
-        jitter: Duration,
-        inferred: Option<Duration>,
-        seed: Option<u64>,
-        max_queue: usize,
-    ) -> Self {
+    /// The gates of a layer configured as `c`.
+    pub(super) fn new(c: &super::layer::Config) -> Self {
         Self {
             gates: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             sweep: crate::util::Sweep::new(1024),
-            ctx,
-            max_wait,
-            jitter,
-            inferred,
-            rng: Mutex::new(crate::util::small_rng(seed)),
-            max_queue,
+            ctx: c.ctx.clone(),
+            max_wait: c.max_wait,
+            jitter: c.jitter,
+            inferred: c.inferred,
+            rng: Mutex::new(crate::util::small_rng(c.seed)),
+            max_queue: c.max_queue,
         }
     }
 
@@ -345,14 +339,14 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     fn shared() -> Shared {
-        Shared::new(
-            QuotaContext::new(),
-            None,
-            Duration::ZERO,
-            None,
-            Some(1),
-            10_000,
-        )
+        Shared::new(&super::super::layer::Config {
+            ctx: QuotaContext::new(),
+            max_wait: None,
+            jitter: Duration::ZERO,
+            inferred: None,
+            seed: Some(1),
+            max_queue: 10_000,
+        })
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,14 +21,15 @@ pub struct RetryAfterLayer {
     config: Config,
 }
 
+/// What a [`RetryAfterLayer`] was configured with.
 #[derive(Clone)]
-struct Config {
-    ctx: QuotaContext,
-    max_wait: Option<Duration>,
-    jitter: Duration,
-    inferred: Option<Duration>,
-    seed: Option<u64>,
-    max_queue: usize,
+pub(super) struct Config {
+    pub(super) ctx: QuotaContext,
+    pub(super) max_wait: Option<Duration>,
+    pub(super) jitter: Duration,
+    pub(super) inferred: Option<Duration>,
+    pub(super) seed: Option<u64>,
+    pub(super) max_queue: usize,
 }
 
 impl RetryAfterLayer {
@@ -63,14 +64,7 @@ impl RetryAfterLayer {
 
     fn from_config(c: Config) -> Self {
         Self {
-            shared: Arc::new(Shared::new(
-                c.ctx.clone(),
-                c.max_wait,
-                c.jitter,
-                c.inferred,
-                c.seed,
-                c.max_queue,
-            )),
+            shared: Arc::new(Shared::new(&c)),
             config: c,
         }
     }
