@@ -28,6 +28,7 @@
 use super::Bucket;
 use super::store::Learned;
 use crate::partition::PartitionKey;
+use crate::util::Sweep;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,8 @@ const MEASURE_OVER: Duration = Duration::from_secs(2);
 const MARGIN: f64 = 0.96;
 /// The most partitions inferred at once (beyond, a new partition is not inferred).
 const MAX_PARTITIONS: usize = 10_000;
+/// How long a partition with no answer is remembered (its learned limit stays in the store).
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Debug)]
 struct Partition {
@@ -57,16 +60,30 @@ struct Partition {
     rpm: Option<f64>,
     /// When the rate was last set or raised.
     moved: Instant,
+    /// Its last answer.
+    seen: Instant,
 }
 
 /// The inferred rates of every partition.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Inference {
     /// Whether any partition has had a 429 without headers: until then a success teaches
     /// nothing, and is not even looked up (the common case: a server that sends headers, or one
     /// that never refused).
     armed: AtomicBool,
     parts: Mutex<HashMap<PartitionKey, Partition>>,
+    /// When to forget the partitions idle for [`FORGET_AFTER`].
+    sweep: Sweep,
+}
+
+impl Default for Inference {
+    fn default() -> Self {
+        Self {
+            armed: AtomicBool::new(false),
+            parts: Mutex::new(HashMap::new()),
+            sweep: Sweep::new(1024),
+        }
+    }
 }
 
 /// What a response taught: a learned limit for the store, if any.
@@ -88,8 +105,16 @@ impl Inference {
         }
         let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if !parts.contains_key(&partition) && parts.len() >= MAX_PARTITIONS {
-            return None;
+        if !parts.contains_key(&partition) {
+            // Swept as the map grows (amortised), and at the bound (a scan for each new
+            // partition only while the map is full of partitions answered within the hour).
+            if self.sweep.due(parts.len()) || parts.len() >= MAX_PARTITIONS {
+                parts.retain(|_, p| now.saturating_duration_since(p.seen) < FORGET_AFTER);
+                self.sweep.swept(parts.len());
+            }
+            if parts.len() >= MAX_PARTITIONS {
+                return None;
+            }
         }
         let p = parts.entry(partition).or_insert(Partition {
             ok: 0,
@@ -97,7 +122,9 @@ impl Inference {
             first: None,
             rpm: None,
             moved: now,
+            seen: now,
         });
+        p.seen = now;
         if !rate_limited {
             // Counted when answered: a span's last answers count in the next one and the
             // previous span's in this one, which evens out; but never the answers of the burst
@@ -188,5 +215,23 @@ mod tests {
         tokio::time::advance(PROBE_EVERY).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
         assert_eq!((l.limit, l.remaining), (Some(441), None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partitions_idle_for_an_hour_are_forgotten_to_make_room() {
+        let inf = Inference::default();
+        for n in 0..MAX_PARTITIONS as u64 {
+            let _ = inf.observe(PartitionKey::from_u64(n), true, Instant::now());
+        }
+        let late = PartitionKey::from_u64(u64::MAX);
+        // Full of partitions answered just now: a new one is not inferred.
+        assert_eq!(inf.observe(late, true, Instant::now()), None);
+        assert!(!inf.parts.lock().unwrap().contains_key(&late));
+        // An hour later they are idle: the next new partition sweeps them out.
+        tokio::time::advance(FORGET_AFTER).await;
+        assert_eq!(inf.observe(late, true, Instant::now()), None);
+        let parts = inf.parts.lock().unwrap();
+        assert_eq!(parts.len(), 1);
+        assert!(parts.contains_key(&late));
     }
 }

@@ -70,8 +70,8 @@ impl Level {
     /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the server's
     /// bucket is short of full at both ends (below 90 % of the most it has said remains, when that
     /// was at least a twentieth of the limit: a full bucket's refill is capped, and nobody is
-    /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is forgotten
-    /// within about ten seconds.
+    /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is
+    /// forgotten within about ten seconds.
     fn observe(&mut self, remaining: f64, now: Instant) {
         self.peak = self.peak.max(remaining);
         let Some((t0, r0)) = self.window else {
