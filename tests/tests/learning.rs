@@ -197,11 +197,12 @@ async fn a_key_shared_with_another_client_paces_at_what_is_left() {
     assert!(alone.iter().all(|&n| n >= 19), "{alone:?}");
 }
 
-/// The share of attempts answered 429 these runs stay under. The issue asks 3 %; measured 2.9 %
-/// and 3.0 % (27 of 927, 28 of 928: about ten are the first rush, the requests already in flight
-/// when the burst runs out, and most of the rest come in the two seconds the first measurement
-/// takes). Not yet met with a margin: issue 11 stays open on it.
-const NO_HEADERS_429S: f64 = 0.035;
+/// The share of attempts answered 429 these runs stay under: the issue's 3 %. Measured 1.7 % and
+/// 1.6 % (16 of 916, 15 of 915: eleven are the first rush, the requests already in flight when the
+/// burst runs out; the rest are the reopening gate's probes while the first span is measured).
+/// Before the measuring rules (one request held inside at a time, spans counted by send time):
+/// 2.9 % and 3.0 %, and ten times that before any inference.
+const NO_HEADERS_429S: f64 = 0.03;
 
 /// A server that sends no rate-limit headers, only `retry-after` on a 429; requests bind (600 a
 /// minute): the burst of 600, then 300 at 10 a second: about 30 s. Few 429s

@@ -4,6 +4,7 @@ use super::Cost;
 use super::answer::{answer, queue_full};
 use super::body::BudgetBody;
 use super::error::BudgetError;
+use super::infer::MEASURING_POLL;
 use super::layer::{Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle};
 use super::store::{Admission, StoreFuture};
@@ -218,6 +219,18 @@ where
                     *this.phase = Phase::Reserve;
                 }
                 Phase::Reserve => {
+                    let shared = &**this.shared;
+                    if this.own.held.load(Ordering::SeqCst) > 0
+                        && shared.inference.measuring(*this.partition)
+                    {
+                        // Measured without headers: one request held inside at a time.
+                        *this.phase = if this.turn.is_none() {
+                            Phase::Turn { fast: false }
+                        } else {
+                            Phase::Waiting(Instant::now() + MEASURING_POLL)
+                        };
+                        continue;
+                    }
                     // The global turn is held only while the global cap is what binds: a request
                     // waiting for its own key's refill must not hold up the other keys.
                     if this.global_turn.is_none() {
@@ -225,7 +238,6 @@ where
                             *this.global_turn = Some(ready!(poll_acquire(g, this.acquire, cx)));
                         }
                     }
-                    let shared = &**this.shared;
                     let scopes = &this.own.scopes;
                     let answer = match this.asking.as_mut() {
                         Some(asking) => {
