@@ -134,6 +134,9 @@ fn settle_answer<R>(
             ));
         }
         if !learned.is_empty() {
+            if learned.iter().any(|l| l.limit.is_some()) {
+                own.paced.store(true, Ordering::Relaxed);
+            }
             // The server's count leaves out the requests admitted here and still held in the
             // layers inside (queued for a slot, or behind the gate): they will spend it.
             let held = u64::try_from(own.held.load(Ordering::SeqCst)).unwrap_or(0);

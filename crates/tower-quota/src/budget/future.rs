@@ -4,8 +4,7 @@ use super::Cost;
 use super::answer::{answer, queue_full};
 use super::body::BudgetBody;
 use super::error::BudgetError;
-use super::infer::MEASURING_POLL;
-use super::layer::{Queue, Shared};
+use super::layer::{BLIND_HELD, BLIND_POLL, Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle};
 use super::store::{Admission, StoreFuture};
 use crate::BoxError;
@@ -220,14 +219,13 @@ where
                 }
                 Phase::Reserve => {
                     let shared = &**this.shared;
-                    if this.own.held.load(Ordering::SeqCst) > 0
-                        && shared.inference.measuring(*this.partition)
+                    if this.own.held.load(Ordering::SeqCst) >= BLIND_HELD && shared.blind(this.own)
                     {
-                        // Measured without headers: one request held inside at a time.
+                        // Admitted blind: only a few held inside at a time.
                         *this.phase = if this.turn.is_none() {
                             Phase::Turn { fast: false }
                         } else {
-                            Phase::Waiting(Instant::now() + MEASURING_POLL)
+                            Phase::Waiting(Instant::now() + BLIND_POLL)
                         };
                         continue;
                     }

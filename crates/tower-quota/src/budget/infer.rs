@@ -17,17 +17,16 @@
 //! successes (17 counted of 21 in the run, a rate 20 % low that nothing corrects). A
 //! closed span is measured once an answer to a request sent after its end arrives, its own
 //! answers being in by then. Answers to requests sent before the first 429 (the burst's) count in
-//! no span. The first sample sets the rate (96 % of it), later ones are averaged in by halves.
-//! The rate is taught to the store as a learned requests limit, with what remains (nothing at a
-//! 429; at a measurement, what the server refilled since the span's end less what was sent), so
-//! the partition is paced, not refused. Without a 429 for [`PROBE_EVERY`], the rate rises by 2 %
+//! no span. The first sample sets the rate (98 % of it), later ones are averaged in by halves.
+//! The rate is taught to the store as a learned requests limit with nothing remaining (at a 429,
+//! and at a measurement: what the server refilled since the span's end went to the requests sent
+//! since, those in flight included), so the partition is paced, not refused. Without a 429 for [`PROBE_EVERY`], the rate rises by 2 %
 //! (the limit may have risen; the next 429 corrects it). A partition whose responses carry
 //! headers is left to them.
 //!
-//! While the first span is measured the budget admits one request of the partition at a time
-//! past the layers inside ([`MEASURING_POLL`]): otherwise the requests it admits while no rate is
-//! known wait, already admitted, behind the reopening Retry-After gate and leave in rushes it
-//! cannot pace (one 429 a second for five seconds after the rate was known, in the run).
+//! Until the first sample the partition is admitted blind: the budget lets its requests past
+//! the layers inside one at a time (see the budget's `BLIND_HELD`), so no admitted backlog waits
+//! inside to leave in rushes once the rate is known.
 //!
 //! No guess is made before the first sample: a guess from the burst (a bucket of a minute's
 //! worth) was ten times too low for a server whose bucket holds six seconds, and a rate paced too
@@ -50,12 +49,7 @@ const PROBE_STEP: f64 = 1.02;
 /// The shortest span between two 429s that measures the rate.
 const MEASURE_OVER: Duration = Duration::from_secs(2);
 /// The margin under a measured rate.
-const MARGIN: f64 = 0.96;
-/// While a partition is measured, the budget admits its next request only once the last one
-/// left for the wire, and looks again this often. Without it, the requests admitted while no
-/// rate was known wait behind the reopening Retry-After gate, already admitted, and leave in
-/// rushes the budget cannot pace: one 429 after another for seconds after the rate is known.
-pub(crate) const MEASURING_POLL: Duration = Duration::from_millis(10);
+const MARGIN: f64 = 0.98;
 /// The most partitions inferred at once (beyond, a new partition is not inferred).
 const MAX_PARTITIONS: usize = 10_000;
 /// How long a partition with no answer is remembered (its learned limit stays in the store).
@@ -119,19 +113,6 @@ impl Default for Inference {
 pub(crate) type Lesson = Option<Learned>;
 
 impl Inference {
-    /// Whether `partition` is being measured: refused without a rate-limit header, and no rate
-    /// known yet. Meanwhile its requests go one at a time past what holds them inside (see
-    /// [`MEASURING_POLL`]).
-    pub(crate) fn measuring(&self, partition: PartitionKey) -> bool {
-        if !self.armed.load(Ordering::Relaxed) {
-            return false;
-        }
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        parts
-            .get(&partition)
-            .is_some_and(|p| p.first.is_some() && p.rpm.is_none())
-    }
-
     /// A response of `partition` with no rate-limit header, to a request that left for the wire
     /// at `sent`: `rate_limited` if it was a 429.
     pub(crate) fn observe(
@@ -182,13 +163,10 @@ impl Inference {
                 _ => {}
             }
             if settled {
-                // The measured rate, and what remains: the server was empty at the span's end,
-                // has refilled since at that rate, and has answered the successes sent since.
-                let end = p.closing.map_or(now, |(_, end, _)| end);
-                return p.measure(now).map(|rpm| {
-                    let refilled = rpm / 60.0 * now.saturating_duration_since(end).as_secs_f64();
-                    learned(rpm, Some((refilled - p.ok as f64).max(0.0) as u64))
-                });
+                // The measured rate, and nothing left: what the server refilled since the span's
+                // end went to the requests sent since (those in flight too, which no count here
+                // sees); the level is pulled down to it, less what is still held inside.
+                return p.measure(now).map(|rpm| learned(rpm, Some(0)));
             }
             let rpm = p.rpm?;
             if now.saturating_duration_since(p.moved) < PROBE_EVERY {
@@ -250,9 +228,8 @@ mod tests {
         let inf = Inference::default();
         let p = PartitionKey::from_u64(1);
         let before = Instant::now();
-        // The burst, then the first 429: nothing known yet, the partition is measured.
+        // The burst, then the first 429: nothing known yet.
         assert_eq!(span(&inf, p, 60, 1).await, None);
-        assert!(inf.measuring(p));
         // A late answer of the burst counts in no span; a span too short measures nothing.
         assert_eq!(inf.observe(p, false, before), None);
         assert_eq!(span(&inf, p, 10, 1).await, None);
@@ -264,29 +241,27 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(inf.observe(p, true, Instant::now()), None);
         assert_eq!(inf.observe(p, false, end - Duration::from_millis(5)), None);
-        assert!(inf.measuring(p));
         // An answer to a request sent after the end settles it: 21 in 2 s, 630 a minute, less
-        // 4 %; the server refilled 5 in the half second since the end, this one took 1.
+        // 2 %; nothing remains (what was refilled since went to the requests sent since).
         tokio::time::advance(Duration::from_millis(490)).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
         assert_eq!(
             (l.limit, l.remaining, l.inferred),
-            (Some(605), Some(4), true)
+            (Some(617), Some(0), true)
         );
-        assert!(!inf.measuring(p));
         // A 429 too soon after the last span's end: nothing measured, the bucket restarts empty.
         let l = inf.observe(p, true, Instant::now()).unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(605), Some(0)));
-        // 10 in 2 s and the 1 above, over the 2.5 s since the end: 253, averaged with 605.
+        assert_eq!((l.limit, l.remaining), (Some(617), Some(0)));
+        // 10 in 2 s and the 1 above, over the 2.5 s since the end: 259, averaged with 617.
         let l = span(&inf, p, 10, 2).await.unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(605), Some(0)));
+        assert_eq!((l.limit, l.remaining), (Some(617), Some(0)));
         tokio::time::advance(Duration::from_millis(1)).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
-        assert_eq!(l.limit, Some(429));
+        assert_eq!(l.limit, Some(438));
         // No 429 for 10 s: a probe raises it by 2 %.
         tokio::time::advance(PROBE_EVERY).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(438), None));
+        assert_eq!((l.limit, l.remaining), (Some(447), None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,12 +35,25 @@ pub(crate) struct Shared {
     pub(crate) admitted: AtomicU64,
 }
 
+/// While a partition is admitted blind ([`Shared::blind`]), the budget admits its next request
+/// only while fewer than this many of its admitted requests are held by the layers inside, and
+/// looks again every [`BLIND_POLL`]. Without it, the requests admitted before any rate is known
+/// queue inside (for a concurrency slot, behind the reopening Retry-After gate), already admitted,
+/// and leave in rushes the budget cannot pace: against a server without rate-limit headers, 146
+/// such requests gave one 429 a second for twelve seconds after the rate was known. A partition
+/// the inner layers do not hold back is not slowed.
+pub(crate) const BLIND_HELD: isize = 4;
+/// How often a blind partition's queue head looks again at what the layers inside hold.
+pub(crate) const BLIND_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A partition's FIFO queue: one turn, held by the request that asks the store.
 #[derive(Debug)]
 pub(crate) struct Queue {
     pub(crate) queue: Arc<Semaphore>,
     /// Whether a response of this partition has been seen (limits could be learned).
     pub(crate) probed: AtomicBool,
+    /// Whether some limit of this partition has been learned (from headers, or inferred).
+    pub(crate) paced: AtomicBool,
     /// The scopes its requests draw on (its own, and the global cap's), made once.
     pub(crate) scopes: Arc<[Scope]>,
     /// Its requests waiting for the budget.
@@ -87,6 +100,14 @@ impl Shared {
         self.learn && !own.probed.load(Ordering::SeqCst) && own.scopes[0].limits.has_unset()
     }
 
+    /// Whether the partition of `own` is admitted blind: some limit is neither configured nor
+    /// learned, and nothing has been learned from its responses yet (a server without rate-limit
+    /// headers, until its rate is inferred). Meanwhile its requests go past the layers inside a
+    /// few at a time ([`BLIND_HELD`]).
+    pub(crate) fn blind(&self, own: &Queue) -> bool {
+        self.learn && !own.paced.load(Ordering::Relaxed) && own.scopes[0].limits.has_unset()
+    }
+
     /// The queue of partition `p`: its FIFO turn (only the holder asks the store) and its scopes.
     /// A request takes it, then the global cap's turn ([`Shared::global_turn`]) while that binds.
     pub(crate) fn queue(&self, p: PartitionKey) -> Arc<Queue> {
@@ -106,6 +127,7 @@ impl Shared {
         let q = Arc::new(Queue {
             queue: Arc::new(Semaphore::new(1)),
             probed: AtomicBool::new(false),
+            paced: AtomicBool::new(false),
             scopes: self.scopes(p),
             waiting: AtomicUsize::new(0),
             held: Default::default(),
