@@ -71,7 +71,8 @@ impl Level {
     /// bucket is short of full at both ends (below 90 % of the most it has said remains, when that
     /// was at least a twentieth of the limit: a full bucket's refill is capped, and nobody is
     /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is
-    /// forgotten within about ten seconds.
+    /// forgotten within about ten seconds. A window begun with the bucket full restarts when a
+    /// burst has emptied it, so the first estimate comes one window after the burst.
     fn observe(&mut self, remaining: f64, now: Instant) {
         self.peak = self.peak.max(remaining);
         let Some((t0, r0)) = self.window else {
@@ -79,12 +80,6 @@ impl Level {
             self.spent = 0.0;
             return;
         };
-        let dt = now.saturating_duration_since(t0);
-        if dt < OBSERVE_WINDOW {
-            return;
-        }
-        let dt = dt.as_secs_f64();
-        let rate = self.limit.rate_per_sec();
         // A level that has never been above a twentieth of the limit (three seconds' worth) is
         // taken as short of full whatever it was: few servers keep a burst that small, and a
         // level held down by another client must not pass for a full bucket.
@@ -93,6 +88,21 @@ impl Level {
         } else {
             f64::INFINITY
         };
+        if r0 >= short && remaining < 1.0 {
+            // A window begun full and now empty: a burst spent the bucket. A window begins now,
+            // so the first estimate comes one window after the burst, not up to two. Not before
+            // empty: while a burst is spent, a count lags by all the burst has in flight (a
+            // window begun at 5 % of full took 40 requests in flight for another client's).
+            self.window = Some((now, remaining));
+            self.spent = 0.0;
+            return;
+        }
+        let dt = now.saturating_duration_since(t0);
+        if dt < OBSERVE_WINDOW {
+            return;
+        }
+        let dt = dt.as_secs_f64();
+        let rate = self.limit.rate_per_sec();
         if r0 < short && remaining < short {
             // A sample may be negative (the counts are whole numbers, and lag by a round trip):
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
@@ -693,6 +703,36 @@ mod tests {
         }
         let foreign = store.lock().map[&p].levels[0].unwrap().foreign;
         assert!(foreign < 1.0, "{foreign}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_window_begins_when_a_burst_has_emptied_the_bucket() {
+        // 600 a minute; the server's bucket starts full, a burst spends it in 2.5 s: the window
+        // begun full restarts at the empty count, so the first estimate comes 3 s after it (at
+        // 5.5 s), from counts that no longer lag by the burst.
+        let store = MemoryStore::new(10);
+        let p = PartitionKey::from_u64(9);
+        let s = scope(p, 600);
+        assert!(matches!(
+            store.reserve_now(&s, Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        store.learn_now(p, &count(600, 0));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        store.learn_now(p, &count(300, 0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        store.learn_now(p, &count(0, 0));
+        let foreign = |store: &MemoryStore| store.lock().map[&p].levels[0].unwrap().foreign;
+        // Then 4 a second of ours, and the count stays at 0: another client takes 6.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            for _ in 0..4 {
+                let _ = store.reserve_now(&s, Cost::new(0, 0));
+            }
+            store.learn_now(p, &count(0, 0));
+        }
+        let f = foreign(&store);
+        assert!((f - 6.0).abs() < 0.5, "{f}");
     }
 
     #[tokio::test(start_paused = true)]
