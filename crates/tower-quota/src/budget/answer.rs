@@ -101,6 +101,7 @@ fn settle_answer<R>(
         // The server refused the request: it used nothing.
         handle.refund();
         if outcome == Outcome::RateLimited {
+            own.be_careful();
             if let Some(hint) = signals.hint() {
                 let store = shared.store.clone();
                 drive(async move {

@@ -219,9 +219,10 @@ where
                 }
                 Phase::Reserve => {
                     let shared = &**this.shared;
-                    if this.own.held.load(Ordering::SeqCst) >= BLIND_HELD && shared.blind(this.own)
+                    if this.own.held.load(Ordering::SeqCst) >= BLIND_HELD
+                        && (shared.blind(this.own) || shared.careful(this.own))
                     {
-                        // Admitted blind: only a few held inside at a time.
+                        // Admitted blind or carefully: only a few held inside at a time.
                         *this.phase = if this.turn.is_none() {
                             Phase::Turn { fast: false }
                         } else {

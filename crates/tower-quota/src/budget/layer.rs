@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tower::Layer;
 
 pub(crate) struct Shared {
@@ -46,6 +47,9 @@ pub(crate) const BLIND_HELD: isize = 4;
 /// How often a blind partition's queue head looks again at what the layers inside hold.
 pub(crate) const BLIND_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How long a partition is admitted carefully after a 429 ([`Shared::careful`]).
+pub(crate) const CAREFUL_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A partition's FIFO queue: one turn, held by the request that asks the store.
 #[derive(Debug)]
 pub(crate) struct Queue {
@@ -54,6 +58,11 @@ pub(crate) struct Queue {
     pub(crate) probed: AtomicBool,
     /// Whether some limit of this partition has been learned (from headers, or inferred).
     pub(crate) paced: AtomicBool,
+    /// Until when (milliseconds after `epoch`) the partition is admitted carefully after a 429
+    /// ([`Shared::careful`]).
+    pub(crate) careful_until: AtomicU64,
+    /// When the queue was made: the origin of `careful_until`.
+    pub(crate) epoch: Instant,
     /// The scopes its requests draw on (its own, and the global cap's), made once.
     pub(crate) scopes: Arc<[Scope]>,
     /// Its requests waiting for the budget.
@@ -61,6 +70,21 @@ pub(crate) struct Queue {
     /// Its admitted requests still held in the layers inside (the concurrency limit's queue, the
     /// Retry-After gate): the server has not counted them yet.
     pub(crate) held: Arc<std::sync::atomic::AtomicIsize>,
+}
+
+impl Queue {
+    /// Milliseconds from the queue's making to `at` (at least 1, so 0 can mean never).
+    pub(crate) fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// A 429 came: careful for [`CAREFUL_FOR`] from now.
+    pub(crate) fn be_careful(&self) {
+        let until = self.millis(Instant::now() + CAREFUL_FOR);
+        self.careful_until.fetch_max(until, Ordering::Relaxed);
+    }
 }
 
 /// Limits chosen per partition.
@@ -108,6 +132,15 @@ impl Shared {
         self.learn && !own.paced.load(Ordering::Relaxed) && own.scopes[0].limits.has_unset()
     }
 
+    /// Whether the partition of `own` is admitted carefully: within [`CAREFUL_FOR`] of its last
+    /// 429, its model of the server proved wrong (another client of the key, a limit that fell),
+    /// and what it admits on that model must not pile up inside to leave in one rush when the
+    /// Retry-After gate reopens. Limited like a blind partition ([`BLIND_HELD`]).
+    pub(crate) fn careful(&self, own: &Queue) -> bool {
+        let until = own.careful_until.load(Ordering::Relaxed);
+        until > 0 && Queue::millis(own, Instant::now()) < until
+    }
+
     /// The queue of partition `p`: its FIFO turn (only the holder asks the store) and its scopes.
     /// A request takes it, then the global cap's turn ([`Shared::global_turn`]) while that binds.
     pub(crate) fn queue(&self, p: PartitionKey) -> Arc<Queue> {
@@ -128,6 +161,8 @@ impl Shared {
             queue: Arc::new(Semaphore::new(1)),
             probed: AtomicBool::new(false),
             paced: AtomicBool::new(false),
+            careful_until: AtomicU64::new(0),
+            epoch: Instant::now(),
             scopes: self.scopes(p),
             waiting: AtomicUsize::new(0),
             held: Default::default(),

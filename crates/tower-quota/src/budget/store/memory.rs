@@ -108,8 +108,10 @@ impl Level {
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
             let sample = (rate * dt - (remaining - r0) - self.spent) / dt;
             // The first sample is the first knowledge (the 0 before it was none): it is taken
-            // whole; later ones are averaged in.
-            let smoothed = if self.sampled {
+            // whole; later ones are averaged in when they are higher, and taken whole when they
+            // are lower: a client that stops gives its share back within a window or two (a
+            // sample too low costs a 429 or two, which the next window corrects).
+            let smoothed = if self.sampled && sample > self.foreign {
                 0.5 * self.foreign + 0.5 * sample
             } else {
                 sample
