@@ -15,18 +15,20 @@
 //! their sending (the server's bucket was empty when each 429 arrived). Counting by send time
 //! matters: a 429 comes back faster than a success, so a span counted by answer misses its last
 //! successes (17 counted of 21 in the run, a rate 20 % low that nothing corrects). A
-//! closed span is measured once an answer to a request sent after its end arrives, its own
-//! answers being in by then. Answers to requests sent before the first 429 (the burst's) count in
-//! no span. The first sample sets the rate (98 % of it), later ones are averaged in by halves.
-//! The rate is taught to the store as a learned requests limit with nothing remaining (at a 429,
-//! and at a measurement: what the server refilled since the span's end went to the requests sent
-//! since, those in flight included), so the partition is paced, not refused. Without a 429 for [`PROBE_EVERY`], the rate rises by 2 %
-//! (the limit may have risen; the next 429 corrects it). A partition whose responses carry
-//! headers is left to them.
+//! closed span is measured once an answer to a request sent after its end arrives (its own
+//! answers are in by then, nearly), and again for each of its answers that comes later still.
+//! Answers to requests sent before the first 429 (the burst's) count in no span. The first
+//! sample sets the rate (98 % of it); later ones are weighed in by their length (a span of
+//! [`WEIGH_OVER`] as much as the rate before it, a longer one more). The rate is taught to the
+//! store as a learned requests limit with nothing remaining (at a 429, and at a measurement: what
+//! the server refilled since the span's end went to the requests sent since, those in flight
+//! included), so the partition is paced, not refused. Without a 429 for [`PROBE_EVERY`], the
+//! rate rises by 2 % (the limit may have risen; the next 429 corrects it). A partition whose
+//! responses carry headers is left to them.
 //!
-//! Until the first sample the partition is admitted blind: the budget lets its requests past
-//! the layers inside one at a time (see the budget's `BLIND_HELD`), so no admitted backlog waits
-//! inside to leave in rushes once the rate is known.
+//! Until the first sample the partition is admitted blind: the budget lets only a few of its
+//! admitted requests wait in the layers inside (the budget's `BLIND_HELD`), so no admitted
+//! backlog waits there to leave in rushes once the rate is known.
 //!
 //! No guess is made before the first sample: a guess from the burst (a bucket of a minute's
 //! worth) was ten times too low for a server whose bucket holds six seconds, and a rate paced too
@@ -48,6 +50,9 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(10);
 const PROBE_STEP: f64 = 1.02;
 /// The shortest span between two 429s that measures the rate.
 const MEASURE_OVER: Duration = Duration::from_secs(2);
+/// A later sample of a span this long weighs as much as the rate before it (shorter ones less,
+/// longer ones more).
+const WEIGH_OVER: Duration = Duration::from_secs(4);
 /// The margin under a measured rate.
 const MARGIN: f64 = 0.98;
 /// The most partitions inferred at once (beyond, a new partition is not inferred).
@@ -55,15 +60,29 @@ const MAX_PARTITIONS: usize = 10_000;
 /// How long a partition with no answer is remembered (its learned limit stays in the store).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
+/// A span between two 429s, counted by send time.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    /// When the 429s that begin and end it were sent.
+    start: Instant,
+    end: Instant,
+    /// The successes sent within it, answered so far.
+    ok: u64,
+    /// The rate before it was measured, once it is: a success of it answered later measures it
+    /// again.
+    base: Option<Option<f64>>,
+}
+
 #[derive(Debug)]
 struct Partition {
     /// The current span: begun when the 429 that began it was sent, and the successes sent since.
     since: Option<Instant>,
     ok: u64,
-    /// The span a 429 just ended (begun, ended, successes sent within): its requests still in
-    /// flight are counted as they are answered, and it is measured once an answer to a request
-    /// sent after its end arrives (or [`MEASURE_OVER`] after its end, whichever comes first).
-    closing: Option<(Instant, Instant, u64)>,
+    /// The span a 429 last ended: its requests still in flight are counted as they are answered.
+    /// It is measured once an answer to a request sent after its end arrives (or
+    /// [`MEASURE_OVER`] after its end, whichever comes first), and measured again for each of
+    /// its successes answered after that (answers overtake each other).
+    closed: Option<Span>,
     /// When the first 429 was sent: answers to requests sent before it are the burst's.
     first: Option<Instant>,
     /// The inferred requests per minute, once measured.
@@ -75,12 +94,16 @@ struct Partition {
 }
 
 impl Partition {
-    /// Measures the closing span, if any: its successes over its length.
+    /// Measures the closed span (again, if it was): its successes over its length, averaged by
+    /// halves with the rate before it.
     fn measure(&mut self, now: Instant) -> Option<f64> {
-        let (start, end, ok) = self.closing.take()?;
-        let dt = end.saturating_duration_since(start).as_secs_f64();
-        let sample = ok as f64 / dt * 60.0 * MARGIN;
-        let rpm = self.rpm.map_or(sample, |r| (r + sample) / 2.0);
+        let span = self.closed.as_mut()?;
+        let base = *span.base.get_or_insert(self.rpm);
+        let dt = span.end.saturating_duration_since(span.start).as_secs_f64();
+        let sample = span.ok as f64 / dt * 60.0 * MARGIN;
+        // Weighed by length: a span of 20 s says more than one of 2 s.
+        let w = dt / (dt + WEIGH_OVER.as_secs_f64());
+        let rpm = base.map_or(sample, |r| r + w * (sample - r));
         self.rpm = Some(rpm);
         self.moved = now;
         Some(rpm)
@@ -142,7 +165,7 @@ impl Inference {
         let p = parts.entry(partition).or_insert(Partition {
             since: None,
             ok: 0,
-            closing: None,
+            closed: None,
             first: None,
             rpm: None,
             moved: now,
@@ -151,14 +174,21 @@ impl Inference {
         p.seen = now;
         // A span is counted by when its requests were sent, both ends and the successes
         // within: the server's bucket was empty when each end arrived, so what succeeded in
-        // between is what it refilled. An answer to a request sent after the closing span's end
-        // says the span's own answers are in (or nearly: the rest go to no span).
-        let settled = p.closing.is_some_and(|(_, end, _)| {
-            (sent > end && !rate_limited) || now.saturating_duration_since(end) >= MEASURE_OVER
+        // between is what it refilled. An answer to a request sent after the closed span's end
+        // says the span's own answers are in (nearly: a later one measures it again).
+        let unmeasured = p.closed.filter(|c| c.base.is_none());
+        let settled = unmeasured.is_some_and(|c| {
+            (sent > c.end && !rate_limited) || now.saturating_duration_since(c.end) >= MEASURE_OVER
         });
         if !rate_limited {
-            match p.closing.as_mut() {
-                Some((start, end, ok)) if sent > *start && sent <= *end => *ok += 1,
+            match p.closed.as_mut() {
+                Some(c) if sent > c.start && sent <= c.end => {
+                    c.ok += 1;
+                    if c.base.is_some() {
+                        // A late answer of a measured span: measured again, the count kept.
+                        return p.measure(now).map(|rpm| learned(rpm, None));
+                    }
+                }
                 _ if p.since.is_some_and(|s| sent > s) => p.ok += 1,
                 _ => {}
             }
@@ -186,9 +216,16 @@ impl Inference {
             return None;
         };
         // Spans shorter than MEASURE_OVER are too noisy to measure (a span goes on until one is
-        // long enough); 429s sent together end one span.
-        if sent.saturating_duration_since(start) >= MEASURE_OVER && p.closing.is_none() {
-            p.closing = Some((start, sent, p.ok));
+        // long enough); 429s sent together end one span, and a span ends only once the one
+        // before it is measured.
+        let measured = p.closed.is_none_or(|c| c.base.is_some());
+        if sent.saturating_duration_since(start) >= MEASURE_OVER && measured {
+            p.closed = Some(Span {
+                start,
+                end: sent,
+                ok: p.ok,
+                base: None,
+            });
             p.since = Some(sent);
             p.ok = 0;
         }
@@ -249,19 +286,25 @@ mod tests {
             (l.limit, l.remaining, l.inferred),
             (Some(617), Some(0), true)
         );
+        // A success of the span answered later still: 22 in 2 s, measured again (the count is
+        // left alone).
+        let l = inf
+            .observe(p, false, end - Duration::from_millis(1))
+            .unwrap();
+        assert_eq!((l.limit, l.remaining), (Some(647), None));
         // A 429 too soon after the last span's end: nothing measured, the bucket restarts empty.
         let l = inf.observe(p, true, Instant::now()).unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(617), Some(0)));
-        // 10 in 2 s and the 1 above, over the 2.5 s since the end: 259, averaged with 617.
+        assert_eq!((l.limit, l.remaining), (Some(647), Some(0)));
+        // 10 in 2 s and the 1 above, over the 2.5 s since the end: 259, weighed 2.5 to 4 with 647.
         let l = span(&inf, p, 10, 2).await.unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(617), Some(0)));
+        assert_eq!((l.limit, l.remaining), (Some(647), Some(0)));
         tokio::time::advance(Duration::from_millis(1)).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
-        assert_eq!(l.limit, Some(438));
+        assert_eq!(l.limit, Some(498));
         // No 429 for 10 s: a probe raises it by 2 %.
         tokio::time::advance(PROBE_EVERY).await;
         let l = inf.observe(p, false, Instant::now()).unwrap();
-        assert_eq!((l.limit, l.remaining), (Some(447), None));
+        assert_eq!((l.limit, l.remaining), (Some(507), None));
     }
 
     #[tokio::test(start_paused = true)]
