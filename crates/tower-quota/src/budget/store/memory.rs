@@ -31,6 +31,8 @@ struct Level {
     peak: f64,
     /// Whether `foreign` has been measured at least once.
     sampled: bool,
+    /// Whether a window has begun at an empty count since the limit was set.
+    anchored: bool,
 }
 
 /// How long a window of the server's remaining counts is before it yields an estimate of what
@@ -48,6 +50,7 @@ impl Level {
             spent: 0.0,
             peak: 0.0,
             sampled: false,
+            anchored: false,
         }
     }
 
@@ -71,13 +74,14 @@ impl Level {
     /// bucket is short of full at both ends (below 90 % of the most it has said remains, when that
     /// was at least a twentieth of the limit: a full bucket's refill is capped, and nobody is
     /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is
-    /// forgotten within about ten seconds. A window begun with the bucket full restarts when a
-    /// burst has emptied it, so the first estimate comes one window after the burst.
+    /// forgotten within about ten seconds. The first window after the limit is set begins at the
+    /// first empty count (a burst's counts lag by what it has in flight).
     fn observe(&mut self, remaining: f64, now: Instant) {
         self.peak = self.peak.max(remaining);
         let Some((t0, r0)) = self.window else {
             self.window = Some((now, remaining));
             self.spent = 0.0;
+            self.anchored = remaining < 1.0;
             return;
         };
         // A level that has never been above a twentieth of the limit (three seconds' worth) is
@@ -88,11 +92,14 @@ impl Level {
         } else {
             f64::INFINITY
         };
-        if r0 >= short && remaining < 1.0 {
-            // A window begun full and now empty: a burst spent the bucket. A window begins now,
-            // so the first estimate comes one window after the burst, not up to two. Not before
-            // empty: while a burst is spent, a count lags by all the burst has in flight (a
-            // window begun at 5 % of full took 40 requests in flight for another client's).
+        if !self.anchored && remaining < 1.0 {
+            // The first empty count since the limit was set: a window begins now. An empty
+            // count is the surest start: while a burst is spent, a count lags by all the burst
+            // has in flight (a window begun at 5 % of full took 40 requests in flight for
+            // another client's, and one begun at 52 of 60 took 17 a second: the bucket then
+            // refilled at a twentieth of the limit). And the first estimate comes one window
+            // after the burst, not up to two.
+            self.anchored = true;
             self.window = Some((now, remaining));
             self.spent = 0.0;
             return;
@@ -166,6 +173,7 @@ impl Level {
             // changed with it.
             self.window = None;
             self.peak = 0.0;
+            self.anchored = false;
         }
     }
 }
@@ -735,6 +743,37 @@ mod tests {
         }
         let f = foreign(&store);
         assert!((f - 6.0).abs() < 0.5, "{f}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_begun_during_a_burst_restarts_at_the_first_empty_count() {
+        // 600 a minute, alone on the key. The first count comes mid-burst (52), a stale one
+        // after it (59); the burst's last 20 are admitted, and the count reaches 0. A window
+        // from 52 would take the burst's lag for another client (14 a second, clamped to the
+        // whole rate: the bucket would refill at a twentieth of it).
+        let store = MemoryStore::new(10);
+        let p = PartitionKey::from_u64(10);
+        let s = scope(p, 600);
+        let take = |store: &MemoryStore, n: u32| {
+            for _ in 0..n {
+                let _ = store.reserve_now(&s, Cost::new(0, 0));
+            }
+        };
+        take(&store, 1);
+        store.learn_now(p, &count(52, 0));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        store.learn_now(p, &count(59, 0));
+        take(&store, 20);
+        tokio::time::advance(Duration::from_millis(900)).await;
+        store.learn_now(p, &count(0, 0));
+        // Then 10 a second of ours, all the server refills: nobody else.
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            take(&store, 10);
+            store.learn_now(p, &count(0, 0));
+        }
+        let foreign = store.lock().map[&p].levels[0].unwrap().foreign;
+        assert!(foreign < 1.0, "{foreign}");
     }
 
     #[tokio::test(start_paused = true)]
