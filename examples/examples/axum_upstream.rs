@@ -35,7 +35,7 @@ struct AppState {
 
 async fn ask(State(app): State<AppState>, Json(q): Json<Value>) -> (StatusCode, Json<Value>) {
     let question = q["question"].as_str().unwrap_or("").to_owned();
-    let body = MessagesRequest::user("claude-sonnet-4-5", question, 32).to_bytes();
+    let body = MessagesRequest::user("claude-sonnet-5-5", question, 32).to_bytes();
     let req = Request::post(&app.url)
         .header("x-api-key", "sk-app")
         .header("anthropic-version", "2023-06-01")

@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, value_parser = parse_api_key)]
     api_key: Option<String>,
     /// Model name.
-    #[arg(long, default_value = "claude-sonnet-4-5")]
+    #[arg(long, default_value = "claude-sonnet-5-5")]
     model: String,
     /// max_tokens of each request.
     #[arg(long, default_value_t = 64)]

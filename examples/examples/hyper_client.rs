@@ -50,7 +50,7 @@ async fn main() -> Result<(), BoxError> {
         let url = format!("{}/v1/messages", server.base_url());
         tasks.spawn(async move {
             let body =
-                MessagesRequest::user("claude-sonnet-4-5", format!("Question {i}"), 32).to_bytes();
+                MessagesRequest::user("claude-sonnet-5-5", format!("Question {i}"), 32).to_bytes();
             let req = Request::post(url)
                 .header("x-api-key", "sk-example")
                 .header("anthropic-version", "2023-06-01")

@@ -50,7 +50,7 @@ async fn worker(redis_url: &str, api: &str) -> Result<(), BoxError> {
         let (svc, url) = (svc.clone(), format!("{api}/v1/messages"));
         tasks.spawn(async move {
             let body =
-                MessagesRequest::user("claude-sonnet-4-5", format!("item {i}"), 16).to_bytes();
+                MessagesRequest::user("claude-sonnet-5-5", format!("item {i}"), 16).to_bytes();
             let req = Request::post(url)
                 .header("x-api-key", KEY)
                 .header("content-type", "application/json")

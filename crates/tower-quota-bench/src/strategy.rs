@@ -30,7 +30,8 @@ pub enum Strategy {
     /// `ExponentialBackoff` (50 ms doubling, 0.99 jitter), 5 retries of 429/5xx/transport errors.
     Tower,
     /// The official SDKs' policy: 2 retries, `min(0.5 s * 2^n, 8 s) * (1 - 0.25 * rand)`,
-    /// Retry-After used only if at most 60 s; 408/409/429/5xx/transport retried.
+    /// Retry-After used whenever positive (the Anthropic SDK 2.14; OpenAI's 3.57 caps it at
+    /// 120 s); 408/409/429/5xx/transport retried.
     Sdk,
     /// tower-quota's recommended stack with the server's limits configured.
     QuotaConfigured,
@@ -164,15 +165,14 @@ impl Strategy {
                         if !retryable || attempt == 2 {
                             break;
                         }
-                        let wait =
-                            match hint.filter(|d| !d.is_zero() && *d <= Duration::from_secs(60)) {
-                                Some(d) => d,
-                                None => {
-                                    let base = (0.5 * 2f64.powi(attempt as i32)).min(8.0);
-                                    let r: f64 = rng.lock().unwrap().random();
-                                    Duration::from_secs_f64(base * (1.0 - 0.25 * r))
-                                }
-                            };
+                        let wait = match hint.filter(|d| !d.is_zero()) {
+                            Some(d) => d,
+                            None => {
+                                let base = (0.5 * 2f64.powi(attempt as i32)).min(8.0);
+                                let r: f64 = rng.lock().unwrap().random();
+                                Duration::from_secs_f64(base * (1.0 - 0.25 * r))
+                            }
+                        };
                         tokio::time::sleep(wait).await;
                     }
                     last

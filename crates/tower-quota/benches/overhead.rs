@@ -28,7 +28,7 @@ use tower_quota::retry_after::RetryAfterLayer;
 
 type Body = Full<Bytes>;
 
-const JSON: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Summarise the plot of Hamlet in one line."}]}"#;
+const JSON: &str = r#"{"model":"claude-sonnet-5-5","max_tokens":256,"messages":[{"role":"user","content":"Summarise the plot of Hamlet in one line."}]}"#;
 
 fn req() -> Request<Body> {
     Request::builder()

@@ -44,7 +44,7 @@
 //!     .quota_stack(Preset::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000)))
 //!     .service(client);
 //!
-//! let body = MessagesRequest::user("claude-sonnet-4-5", "Hello", 64).to_bytes();
+//! let body = MessagesRequest::user("claude-sonnet-5-5", "Hello", 64).to_bytes();
 //! let req = Request::post(format!("{}/v1/messages", server.base_url()))
 //!     .header("x-api-key", "sk-example")
 //!     .header("anthropic-version", "2023-06-01")
