@@ -7,6 +7,7 @@ use super::error::BudgetError;
 use super::layer::{BLIND_HELD, BLIND_POLL, Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle};
 use super::store::{Admission, StoreFuture};
+use super::window::ContextWindowError;
 use crate::BoxError;
 use crate::partition::PartitionKey;
 use crate::util::{Acquire, poll_acquire};
@@ -82,7 +83,7 @@ pin_project! {
 }
 
 /// Where a request holding in the budget is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 enum Phase {
     /// Before its partition's FIFO turn. `fast`: it may first try to reserve without the turn.
     Turn { fast: bool },
@@ -94,6 +95,8 @@ enum Phase {
     Ready,
     /// Refused at once: this many of the partition's requests were waiting already.
     Refused(usize),
+    /// Refused at once: too long for its model's context window.
+    OverWindow(Box<ContextWindowError>),
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -106,11 +109,15 @@ where
         shared: Arc<Shared>,
         partition: PartitionKey,
         cost: Cost,
+        over: Option<ContextWindowError>,
     ) -> Self {
         let own = shared.queue(partition);
         let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
-        let full = waiting >= shared.max_queue;
-        let phase = if full {
+        let full = waiting >= shared.max_queue || over.is_some();
+        let phase = if let Some(e) = over {
+            own.waiting.fetch_sub(1, Ordering::SeqCst);
+            Phase::OverWindow(Box::new(e))
+        } else if full {
             own.waiting.fetch_sub(1, Ordering::SeqCst);
             Phase::Refused(waiting)
         } else {
@@ -146,13 +153,13 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match (&self.state, self.phase) {
+        let state = match (&self.state, &self.phase) {
             (State::Calling { .. }, _) => "calling",
             (_, Phase::Turn { .. }) => "turn",
             (_, Phase::Reserve) => "reserve",
             (_, Phase::Waiting(_)) => "waiting",
             (_, Phase::Ready) => "ready",
-            (_, Phase::Refused(_)) => "refused",
+            (_, Phase::Refused(_) | Phase::OverWindow(_)) => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("partition", &self.partition)
@@ -207,6 +214,13 @@ where
             match *this.phase {
                 Phase::Refused(waiting) => {
                     return Poll::Ready(Err(Box::new(queue_full(this.own, waiting))));
+                }
+                Phase::OverWindow(_) => {
+                    let Phase::OverWindow(e) = std::mem::replace(this.phase, Phase::Refused(0))
+                    else {
+                        unreachable!("matched above")
+                    };
+                    return Poll::Ready(Err(e));
                 }
                 Phase::Turn { fast } => {
                     if fast && this.own.queue.available_permits() > 0 {

@@ -1,5 +1,6 @@
 use super::estimate::{Estimate, MessagesEstimator};
 use super::store::{BudgetStore, MemoryStore, Scope, Snapshot, StoreError};
+use super::window::ContextWindows;
 use super::{Limits, TokenBudget};
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
@@ -24,6 +25,7 @@ pub(crate) struct Shared {
     pub(crate) max_queue: usize,
     pub(crate) learn: bool,
     pub(crate) reconcile: bool,
+    pub(crate) windows: Option<ContextWindows>,
     /// Request rates inferred from 429s, for partitions whose server sends no headers.
     pub(crate) inference: super::infer::Inference,
     turns: Mutex<HashMap<PartitionKey, Arc<Queue>>>,
@@ -186,6 +188,7 @@ struct Config {
     learn: bool,
     reconcile: bool,
     max_partitions: usize,
+    windows: Option<ContextWindows>,
 }
 
 /// Requests, input tokens and output tokens per minute: reserve before sending, wait in FIFO order,
@@ -234,6 +237,7 @@ impl TokenBudgetLayer {
             learn: true,
             reconcile: true,
             max_partitions: MemoryStore::DEFAULT_MAX_PARTITIONS,
+            windows: None,
         })
     }
 
@@ -251,6 +255,7 @@ impl TokenBudgetLayer {
                 max_queue: config.max_queue,
                 learn: config.learn,
                 reconcile: config.reconcile,
+                windows: config.windows.clone(),
                 inference: Default::default(),
                 turns: Mutex::new(HashMap::new()),
                 sweep: crate::util::Sweep::new(config.max_partitions),
@@ -340,6 +345,14 @@ impl TokenBudgetLayer {
     /// have room.
     pub fn max_queue(self, bound: usize) -> Self {
         self.with(|c| c.max_queue = bound)
+    }
+
+    /// Refuse a request whose estimated input plus `max_tokens` exceeds its model's context
+    /// window, before reserving anything or sending it: it fails with a
+    /// [`ContextWindowError`](super::ContextWindowError). Off by default. See
+    /// [`window`](super::window).
+    pub fn context_windows(self, windows: ContextWindows) -> Self {
+        self.with(|c| c.windows = Some(windows))
     }
 
     /// Whether to learn limits and levels from the server's headers (default on).

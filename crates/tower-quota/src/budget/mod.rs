@@ -113,6 +113,7 @@ mod layer;
 mod reservation;
 mod service;
 pub mod store;
+pub mod window;
 
 pub use body::BudgetBody;
 pub use error::BudgetError;
@@ -121,6 +122,7 @@ pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;
 pub use store::{BudgetStore, MemoryStore, Snapshot, StoreError};
+pub use window::{ContextWindowError, ContextWindows};
 
 pub use crate::signals::Bucket;
 

@@ -64,6 +64,23 @@ where
                     .estimate(req.headers(), req.extensions(), body.as_deref())
             }
         };
-        ResponseFuture::new(self.inner.clone(), req, shared.clone(), partition, cost)
+        let over = shared.windows.as_ref().and_then(|w| {
+            let body = req.body().body_bytes();
+            w.check(
+                req.headers(),
+                body.as_deref(),
+                cost.input_tokens,
+                cost.output_tokens,
+            )
+            .err()
+        });
+        ResponseFuture::new(
+            self.inner.clone(),
+            req,
+            shared.clone(),
+            partition,
+            cost,
+            over,
+        )
     }
 }

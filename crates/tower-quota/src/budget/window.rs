@@ -1,0 +1,271 @@
+//! The context window guard: a request that cannot fit the model's context window fails before
+//! any quota is reserved or any byte is sent.
+//!
+//! # Why
+//!
+//! A prompt over the model's window is sent, spends a request of the quota and a round trip, and
+//! comes back as a 400 `invalid_request_error` ("prompt is too long: 201234 tokens > 200000
+//! maximum") that no retry can fix. The budget already estimates every request's input tokens
+//! and reads its `max_tokens`: with the model's window it can say so at once, with the numbers.
+//!
+//! # How
+//!
+//! [`ContextWindows`] maps model names to their windows (200 000 tokens for every model by
+//! default, 1 000 000 for a request that opts in with the `context-1m` beta in its
+//! `anthropic-beta` header). Given to the budget with
+//! [`TokenBudgetLayer::context_windows`](super::TokenBudgetLayer::context_windows), a request
+//! whose estimated input plus `max_tokens` exceeds its model's window fails with a
+//! [`ContextWindowError`]. The model is read from the body only when the request does not fit the
+//! smallest window of the table (the common request costs nothing more). The estimate is an
+//! estimate (about four bytes a token): set a window somewhat under the real one to keep a
+//! margin, or above it to leave the borderline cases to the server.
+//!
+//! The server's own refusal reads as the same error: [`ContextWindowError::from_error_body`]
+//! parses the 400's body and its two numbers. The classifier already calls a 400 fatal, so it is
+//! never retried.
+
+use http::HeaderMap;
+use std::collections::HashMap;
+use std::fmt;
+
+/// The context windows of the models, in tokens. See the [module docs](self).
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ContextWindows {
+    default: u64,
+    long: u64,
+    models: HashMap<String, u64>,
+    /// The smallest window of the table: a request within it needs no model lookup.
+    smallest: u64,
+}
+
+impl Default for ContextWindows {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_WINDOW)
+    }
+}
+
+impl ContextWindows {
+    /// The window of the current Claude models: 200 000 tokens.
+    pub const DEFAULT_WINDOW: u64 = 200_000;
+    /// The window of a request that opts in with the `context-1m` beta: 1 000 000 tokens.
+    pub const LONG_WINDOW: u64 = 1_000_000;
+
+    /// `default` tokens for every model not named with [`model`](Self::model).
+    pub fn new(default: u64) -> Self {
+        Self {
+            default,
+            long: Self::LONG_WINDOW,
+            models: HashMap::new(),
+            smallest: default,
+        }
+    }
+
+    /// The window of `model` (its exact name in the request body).
+    pub fn model(mut self, model: impl Into<String>, window: u64) -> Self {
+        self.models.insert(model.into(), window);
+        self.smallest = self.smallest.min(window);
+        self
+    }
+
+    /// The window of a request that opts in with the `context-1m` beta (default 1 000 000).
+    pub fn long_context(mut self, window: u64) -> Self {
+        self.long = window;
+        self
+    }
+
+    /// The window a request of `model` (if known) with `headers` has.
+    pub fn window(&self, model: Option<&str>, headers: &HeaderMap) -> u64 {
+        let beta = headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|b| b.trim().starts_with("context-1m"));
+        let window = model
+            .and_then(|m| self.models.get(m).copied())
+            .unwrap_or(self.default);
+        if beta { window.max(self.long) } else { window }
+    }
+
+    /// Checks a request estimated at `input` tokens with `max_tokens`: `Err` when it cannot fit
+    /// its model's window. The body is read for the model only when the request does not fit the
+    /// smallest window.
+    pub(crate) fn check(
+        &self,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+        input: u64,
+        max_tokens: u64,
+    ) -> Result<(), ContextWindowError> {
+        let needed = input.saturating_add(max_tokens);
+        if needed <= self.smallest {
+            return Ok(());
+        }
+        let model = body.and_then(model_of);
+        let window = self.window(model.as_deref(), headers);
+        if needed <= window {
+            return Ok(());
+        }
+        Err(ContextWindowError {
+            model,
+            input,
+            max_tokens: Some(max_tokens),
+            window,
+            from_server: false,
+        })
+    }
+}
+
+/// The `model` of a Messages body, if it has one.
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Model<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Model<'_>>(body)
+        .ok()?
+        .model
+        .map(|m| m.into_owned())
+}
+
+/// A request too long for its model's context window: found by the budget before sending
+/// ([`is_from_server`](Self::is_from_server) false), or read from the server's 400
+/// ([`from_error_body`](Self::from_error_body)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContextWindowError {
+    model: Option<String>,
+    input: u64,
+    max_tokens: Option<u64>,
+    window: u64,
+    from_server: bool,
+}
+
+impl ContextWindowError {
+    /// Reads the body of the server's 400 `invalid_request_error` "prompt is too long: N tokens >
+    /// M maximum": `Some` with N and M when the body says so, `None` for any other body.
+    pub fn from_error_body(body: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            error: Inner<'a>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner<'a> {
+            #[serde(borrow)]
+            message: std::borrow::Cow<'a, str>,
+        }
+        let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
+        let rest = envelope
+            .error
+            .message
+            .strip_prefix("prompt is too long: ")?
+            .to_owned();
+        let (tokens, rest) = rest.split_once(" tokens > ")?;
+        let maximum = rest.strip_suffix(" maximum")?;
+        Some(Self {
+            model: None,
+            input: tokens.trim().parse().ok()?,
+            max_tokens: None,
+            window: maximum.trim().parse().ok()?,
+            from_server: true,
+        })
+    }
+
+    /// The request's input tokens: the budget's estimate, or the server's count.
+    pub fn input_tokens(&self) -> u64 {
+        self.input
+    }
+
+    /// The request's `max_tokens`, when the budget found the error.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    /// The window it exceeded, in tokens.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The model named in the request, when the budget read it.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the server said so (its 400), rather than the budget's estimate.
+    pub fn is_from_server(&self) -> bool {
+        self.from_server
+    }
+}
+
+impl fmt::Display for ContextWindowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let model = self.model.as_deref().unwrap_or("the model");
+        match (self.from_server, self.max_tokens) {
+            (false, Some(max)) => write!(
+                f,
+                "request of about {} input tokens plus max_tokens {max} exceeds the context \
+                 window of {} tokens of {model}",
+                self.input, self.window
+            ),
+            _ => write!(
+                f,
+                "prompt of {} tokens exceeds the context window of {} tokens",
+                self.input, self.window
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ContextWindowError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn the_window_of_a_model_and_of_the_long_context_beta() {
+        let w = ContextWindows::default().model("small", 8_000);
+        let plain = HeaderMap::new();
+        assert_eq!(w.window(Some("claude-sonnet-5-5"), &plain), 200_000);
+        assert_eq!(w.window(Some("small"), &plain), 8_000);
+        assert_eq!(w.window(None, &plain), 200_000);
+        let mut beta = HeaderMap::new();
+        beta.append(
+            "anthropic-beta",
+            HeaderValue::from_static("other-2025-01-01, context-1m-2025-08-07"),
+        );
+        assert_eq!(w.window(Some("claude-sonnet-5-5"), &beta), 1_000_000);
+    }
+
+    #[test]
+    fn a_request_over_its_window_is_refused_with_the_numbers() {
+        let w = ContextWindows::default().model("small", 8_000);
+        let h = HeaderMap::new();
+        let body = br#"{"model":"small","max_tokens":1000,"messages":[]}"#;
+        assert_eq!(w.check(&h, Some(body), 7_000, 1_000), Ok(()));
+        let e = w.check(&h, Some(body), 7_001, 1_000).unwrap_err();
+        assert_eq!(
+            (e.model(), e.input_tokens(), e.max_tokens(), e.window()),
+            (Some("small"), 7_001, Some(1_000), 8_000)
+        );
+        assert!(!e.is_from_server());
+        // Another model has the default window; a body without a model too.
+        let other = br#"{"model":"big","max_tokens":1000}"#;
+        assert_eq!(w.check(&h, Some(other), 9_000, 1_000), Ok(()));
+        assert!(w.check(&h, Some(b"not json"), 199_001, 1_000).is_err());
+    }
+
+    #[test]
+    fn the_servers_refusal_reads_as_the_same_error() {
+        let body = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 201234 tokens > 200000 maximum"}}"#;
+        let e = ContextWindowError::from_error_body(body).unwrap();
+        assert_eq!((e.input_tokens(), e.window()), (201_234, 200_000));
+        assert!(e.is_from_server());
+        let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: must be positive"}}"#;
+        assert_eq!(ContextWindowError::from_error_body(other), None);
+        assert_eq!(ContextWindowError::from_error_body(b"garbage"), None);
+    }
+}

@@ -1,0 +1,77 @@
+//! The context window guard (issue 13, part 2) against the simulator, under paused time.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_quota::budget::{ContextWindowError, ContextWindows, Limits, TokenBudgetLayer};
+use tower_quota::{Preset, ServiceBuilderExt};
+use tower_quota_sim::{MessagesRequest, SimConfig, Simulator};
+
+/// A Messages request with a prompt of `bytes` bytes (about `bytes / 4` tokens).
+fn request(bytes: usize, max_tokens: u64) -> Request<Full<Bytes>> {
+    let m = MessagesRequest::user("claude-sim", "x".repeat(bytes), max_tokens);
+    Request::post("/v1/messages")
+        .header("x-api-key", "sk-window")
+        .body(Full::new(m.to_bytes()))
+        .unwrap()
+}
+
+/// A request over its model's window fails with the typed error before anything is reserved or
+/// sent: the server sees no call, the store holds nothing for the key.
+#[tokio::test(start_paused = true)]
+async fn a_request_over_the_window_fails_before_any_quota_or_byte() {
+    let sim = Simulator::new(SimConfig::new(tower_quota_sim::Limits::unlimited()));
+    let layer = TokenBudgetLayer::new(Limits::new().rpm(100))
+        .context_windows(ContextWindows::new(200_000).model("claude-sim", 2_000));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(sim.clone());
+    // About 500 input tokens and 1 000 of output: fits the 2 000 window.
+    let res = svc.clone().oneshot(request(2_000, 1_000)).await.unwrap();
+    assert!(res.status().is_success());
+    // About 1 500 and 1 000: does not.
+    let err = svc.oneshot(request(6_000, 1_000)).await.unwrap_err();
+    let err = err.downcast_ref::<ContextWindowError>().expect("typed");
+    assert_eq!(err.window(), 2_000);
+    assert_eq!(err.model(), Some("claude-sim"));
+    assert_eq!(err.max_tokens(), Some(1_000));
+    assert!(err.input_tokens() > 1_000, "{}", err.input_tokens());
+    assert!(
+        err.to_string().contains("context window of 2000 tokens"),
+        "{err}"
+    );
+    // One call reached the server (the request that fit); the store charged that one only.
+    assert_eq!(sim.summary().total.requests, 1);
+    let p = tower_quota::partition::PartitionKey::fingerprint(b"sk-window");
+    let snap = handle
+        .snapshot(p)
+        .await
+        .unwrap()
+        .expect("the partition of the first request");
+    // One request spent (less the refill during its 20 ms round trip); none for the refused one.
+    let (level, capacity) = snap.buckets[0].unwrap();
+    assert!(
+        (capacity as f64 - level - 1.0).abs() < 0.1,
+        "{level} of {capacity}"
+    );
+}
+
+/// The server's own refusal ("prompt is too long: N tokens > M maximum", a 400) is not retried
+/// by the preset and reads as the same error, with both numbers.
+#[tokio::test(start_paused = true)]
+async fn the_servers_prompt_too_long_is_not_retried_and_reads_as_the_same_error() {
+    let mut config = SimConfig::new(tower_quota_sim::Limits::unlimited());
+    config.context_window = 1_000;
+    let sim = Simulator::new(config);
+    let svc = ServiceBuilder::new()
+        .quota_stack(Preset::anthropic(Limits::new()))
+        .service(sim.clone());
+    let res = svc.oneshot(request(8_000, 16)).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::BAD_REQUEST);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let err = ContextWindowError::from_error_body(&body).expect("prompt too long");
+    assert!(err.is_from_server());
+    assert_eq!(err.window(), 1_000);
+    assert!(err.input_tokens() > 1_000);
+    assert_eq!(sim.summary().total.requests, 1, "never retried");
+}
