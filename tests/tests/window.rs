@@ -75,3 +75,18 @@ async fn the_servers_prompt_too_long_is_not_retried_and_reads_as_the_same_error(
     assert!(err.input_tokens() > 1_000);
     assert_eq!(sim.summary().total.requests, 1, "never retried");
 }
+
+/// The server's other refusal, the prompt and `max_tokens` together over the window, reads the
+/// same way, `max_tokens` included.
+#[tokio::test(start_paused = true)]
+async fn the_servers_input_plus_max_tokens_refusal_reads_as_the_same_error() {
+    let mut config = SimConfig::new(tower_quota_sim::Limits::unlimited());
+    config.context_window = 1_000;
+    let sim = Simulator::new(config);
+    let res = sim.clone().oneshot(request(2_000, 800)).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::BAD_REQUEST);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let err = ContextWindowError::from_error_body(&body).expect("over the window");
+    assert_eq!((err.max_tokens(), err.window()), (Some(800), 1_000));
+    assert!(err.input_tokens() <= 1_000);
+}

@@ -458,11 +458,22 @@ impl Simulator {
         let stream_error = req.stream && draw(faults.stream_error);
 
         let input = api::input_tokens(&req);
-        if input > cfg.context_window {
-            let msg = format!(
+        // The real API's two refusals: the prompt alone, or the prompt and `max_tokens`.
+        let too_long = if input > cfg.context_window {
+            Some(format!(
                 "prompt is too long: {input} tokens > {} maximum",
                 cfg.context_window
-            );
+            ))
+        } else if input.saturating_add(req.max_tokens) > cfg.context_window {
+            Some(format!(
+                "input length and `max_tokens` exceed context limit: {input} + {} > {}, \
+                 decrease input length or `max_tokens` and try again",
+                req.max_tokens, cfg.context_window
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = too_long {
             return reply(
                 record,
                 &mut st.audit,

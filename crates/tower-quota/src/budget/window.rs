@@ -20,8 +20,9 @@
 //! estimate (about four bytes a token): set a window somewhat under the real one to keep a
 //! margin, or above it to leave the borderline cases to the server.
 //!
-//! The server's own refusal reads as the same error: [`ContextWindowError::from_error_body`]
-//! parses the 400's body and its two numbers. The classifier already calls a 400 fatal, so it is
+//! The server's own refusals read as the same error: [`ContextWindowError::from_error_body`]
+//! parses the 400's body ("prompt is too long: ...", or "input length and `max_tokens` exceed
+//! context limit: ..."), numbers included. The classifier already calls a 400 fatal, so it is
 //! never retried.
 
 use http::HeaderMap;
@@ -143,8 +144,9 @@ pub struct ContextWindowError {
 }
 
 impl ContextWindowError {
-    /// Reads the body of the server's 400 `invalid_request_error` "prompt is too long: N tokens >
-    /// M maximum": `Some` with N and M when the body says so, `None` for any other body.
+    /// Reads the body of the server's 400 `invalid_request_error`: "prompt is too long: N tokens
+    /// > M maximum", or "input length and `max_tokens` exceed context limit: N + T > M, ...":
+    /// `Some` with the numbers when the body says either, `None` for any other body.
     pub fn from_error_body(body: &[u8]) -> Option<Self> {
         #[derive(serde::Deserialize)]
         struct Envelope<'a> {
@@ -157,18 +159,29 @@ impl ContextWindowError {
             message: std::borrow::Cow<'a, str>,
         }
         let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
-        let rest = envelope
-            .error
-            .message
-            .strip_prefix("prompt is too long: ")?
-            .to_owned();
-        let (tokens, rest) = rest.split_once(" tokens > ")?;
-        let maximum = rest.strip_suffix(" maximum")?;
+        let message = envelope.error.message;
+        let number = |s: &str| s.trim().parse::<u64>().ok();
+        let (input, max_tokens, window) =
+            if let Some(rest) = message.strip_prefix("prompt is too long: ") {
+                let (tokens, rest) = rest.split_once(" tokens > ")?;
+                (
+                    number(tokens)?,
+                    None,
+                    number(rest.strip_suffix(" maximum")?)?,
+                )
+            } else {
+                let rest =
+                    message.strip_prefix("input length and `max_tokens` exceed context limit: ")?;
+                let (input, rest) = rest.split_once(" + ")?;
+                let (max_tokens, rest) = rest.split_once(" > ")?;
+                let window = rest.split(',').next()?;
+                (number(input)?, Some(number(max_tokens)?), number(window)?)
+            };
         Some(Self {
             model: None,
-            input: tokens.trim().parse().ok()?,
-            max_tokens: None,
-            window: maximum.trim().parse().ok()?,
+            input,
+            max_tokens,
+            window,
             from_server: true,
         })
     }
@@ -264,6 +277,12 @@ mod tests {
         let e = ContextWindowError::from_error_body(body).unwrap();
         assert_eq!((e.input_tokens(), e.window()), (201_234, 200_000));
         assert!(e.is_from_server());
+        let both = br#"{"type":"error","error":{"type":"invalid_request_error","message":"input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, decrease input length or `max_tokens` and try again"}}"#;
+        let e = ContextWindowError::from_error_body(both).unwrap();
+        assert_eq!(
+            (e.input_tokens(), e.max_tokens(), e.window()),
+            (178_959, Some(64_000), 200_000)
+        );
         let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: must be positive"}}"#;
         assert_eq!(ContextWindowError::from_error_body(other), None);
         assert_eq!(ContextWindowError::from_error_body(b"garbage"), None);
