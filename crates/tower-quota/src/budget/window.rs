@@ -144,9 +144,9 @@ pub struct ContextWindowError {
 }
 
 impl ContextWindowError {
-    /// Reads the body of the server's 400 `invalid_request_error`: "prompt is too long: N tokens
-    /// > M maximum", or "input length and `max_tokens` exceed context limit: N + T > M, ...":
-    /// `Some` with the numbers when the body says either, `None` for any other body.
+    /// Reads the body of the server's 400 `invalid_request_error`: "prompt is too long: N
+    /// tokens > M maximum", or "input length and `max_tokens` exceed context limit: N + T > M,
+    /// ...": `Some` with the numbers when the body says either, `None` for any other body.
     pub fn from_error_body(body: &[u8]) -> Option<Self> {
         #[derive(serde::Deserialize)]
         struct Envelope<'a> {
