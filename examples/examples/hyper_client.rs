@@ -4,16 +4,21 @@
 //!
 //! Starts the simulated API on a loopback port (30 requests/min, a burst of 10), then sends 20
 //! requests at once through `Preset::anthropic` over hyper-util's legacy (pooled) client. The
-//! budget paces them at the server's rate: none is refused.
+//! budget paces them at the server's rate: none is refused. tower-http's layers sit on top: a
+//! `TraceLayer` judging responses with the stack's own classifier (so a 429 it waited out is
+//! logged as the layers saw it), and `SetRequestHeaderLayer` for the `anthropic-version` header.
 
 use bytes::Bytes;
 use http::Request;
+use http::header::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_http::set_header::SetRequestHeaderLayer;
+use tower_http::trace::TraceLayer;
 use tower_quota::budget::{Limit, Limits};
-use tower_quota::{BoxError, Preset, ServiceBuilderExt};
+use tower_quota::{BoxError, Preset, QuotaContext, ServiceBuilderExt};
 use tower_quota_sim::{Limits as SimLimits, MessagesRequest, SimConfig, Simulator};
 
 #[tokio::main]
@@ -40,8 +45,14 @@ async fn main() -> Result<(), BoxError> {
         }),
         ..Limits::new()
     };
+    let ctx = QuotaContext::new();
     let api = ServiceBuilder::new()
-        .quota_stack(Preset::anthropic(limits))
+        .layer(TraceLayer::new(ctx.trace_classifier()))
+        .layer(SetRequestHeaderLayer::if_not_present(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static("2023-06-01"),
+        ))
+        .quota_stack(Preset::anthropic(limits).context(ctx))
         .service(client);
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -53,7 +64,6 @@ async fn main() -> Result<(), BoxError> {
                 MessagesRequest::user("claude-sonnet-5-5", format!("Question {i}"), 32).to_bytes();
             let req = Request::post(url)
                 .header("x-api-key", "sk-example")
-                .header("anthropic-version", "2023-06-01")
                 .header("content-type", "application/json")
                 .body(Full::new(body))?;
             let res = api.oneshot(req).await?;

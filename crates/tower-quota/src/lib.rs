@@ -123,6 +123,7 @@ pub mod partition;
 pub mod retry;
 pub mod retry_after;
 pub mod signals;
+pub mod trace;
 mod util;
 mod wire;
 
