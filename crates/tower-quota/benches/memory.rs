@@ -110,7 +110,7 @@ fn main() {
         drop(waiters);
 
         // Waiters at a closed Retry-After gate.
-        let gate = RetryAfterLayer::new();
+        let gate = RetryAfterLayer::new().max_queue(2 * N);
         let closing = gate.clone().layer(service_fn(|_: Request<Body>| async {
             Ok::<_, std::io::Error>(
                 Response::builder()
