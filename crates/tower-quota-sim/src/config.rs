@@ -134,6 +134,9 @@ pub struct SimConfig {
     pub output_fraction: f64,
     /// The context window: a prompt estimated above it gets a 400 (never retryable).
     pub context_window: u64,
+    /// Requests a minute to `POST /v1/messages/count_tokens` per key, a limit of its own apart
+    /// from the Messages buckets (`None`: unlimited). Over it, a 429 with `retry-after`.
+    pub count_tokens_rpm: Option<u64>,
     /// A request that arrives this soon after a 429 is not counted as early: it may have been sent
     /// before the client saw the 429.
     pub early_grace: Duration,
@@ -163,6 +166,7 @@ impl fmt::Debug for SimConfig {
             .field("per_output_token", &self.per_output_token)
             .field("output_fraction", &self.output_fraction)
             .field("context_window", &self.context_window)
+            .field("count_tokens_rpm", &self.count_tokens_rpm)
             .field("early_grace", &self.early_grace)
             .field("seed", &self.seed)
             .field("limit_changes", &self.limit_changes)
@@ -192,6 +196,7 @@ impl SimConfig {
             per_output_token: Duration::ZERO,
             output_fraction: 1.0,
             context_window: 200_000,
+            count_tokens_rpm: None,
             early_grace: Duration::from_millis(100),
             seed: 0,
             limit_changes: Vec::new(),

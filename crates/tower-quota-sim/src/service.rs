@@ -48,6 +48,9 @@ struct Shared {
 
 struct State {
     keys: HashMap<String, KeyState>,
+    /// Each key's `count_tokens` bucket, and the calls counted (every answer, 429s included).
+    counting: HashMap<String, TokenBucket>,
+    count_calls: u64,
     rng: StdRng,
     audit: Vec<AuditRecord>,
     next_id: u64,
@@ -209,6 +212,8 @@ impl Simulator {
                 events,
                 state: Mutex::new(State {
                     keys: HashMap::new(),
+                    counting: HashMap::new(),
+                    count_calls: 0,
                     rng,
                     audit: Vec::new(),
                     next_id: 0,
@@ -243,6 +248,12 @@ impl Simulator {
     /// Every request seen so far.
     pub fn audit(&self) -> Vec<AuditRecord> {
         self.lock().audit.clone()
+    }
+
+    /// How many calls `POST /v1/messages/count_tokens` answered (refusals included); they are
+    /// not in the audit, which is the Messages endpoint's.
+    pub fn count_tokens_calls(&self) -> u64 {
+        self.lock().count_calls
     }
 
     /// The summary of the audit.
@@ -297,16 +308,48 @@ impl Simulator {
     }
 
     /// `POST /v1/messages/count_tokens`: the input tokens the Messages endpoint would count for
-    /// the same body (`max_tokens` may be left out). Not rate limited and not audited: the real
-    /// API counts tokens under limits of its own, apart from the Messages buckets.
+    /// the same body (`max_tokens` may be left out), counted as the context window check counts
+    /// them. Limited per key by `count_tokens_rpm` alone (the real API counts tokens under limits
+    /// of its own, apart from the Messages buckets) and not audited, only counted.
     async fn count_tokens<B>(self, req: Request<B>) -> Result<Response<SimBody>, BoxError>
     where
         B: Body,
         B::Error: Into<BoxError>,
     {
-        if api_key(req.headers()).is_none() {
+        let Some(key) = api_key(req.headers()) else {
             let body = api::error_body("authentication_error", "x-api-key header is required");
             return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
+        };
+        let refused = {
+            let cfg = &self.shared.config;
+            let now = Instant::now();
+            let mut st = self.lock();
+            st.count_calls += 1;
+            cfg.count_tokens_rpm.and_then(|rpm| {
+                let bucket = st
+                    .counting
+                    .entry(key.clone())
+                    .or_insert_with(|| TokenBucket::per_minute(rpm, 1.0, now));
+                match bucket.wait_for(1.0, now) {
+                    Some(Duration::ZERO) => {
+                        bucket.debit(1.0, now);
+                        None
+                    }
+                    Some(wait) => Some(wait),
+                    // A limit of 0: never.
+                    None => Some(Duration::from_secs(60)),
+                }
+            })
+        };
+        if let Some(wait) = refused {
+            let mut headers = HeaderMap::new();
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert("retry-after", HeaderValue::from(secs));
+            let body = api::error_body(
+                "rate_limit_error",
+                "This request would exceed the rate limit for counting tokens.",
+            );
+            return Ok(self.json(StatusCode::TOO_MANY_REQUESTS, &body, headers));
         }
         let bytes = req
             .into_body()

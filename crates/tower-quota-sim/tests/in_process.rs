@@ -512,3 +512,55 @@ async fn the_audit_endpoint_answers_the_summary() {
     assert_eq!(v["ok"], 1);
     assert_eq!(v["output_tokens"], 10);
 }
+
+/// `count_tokens` has a limit of its own (2 a minute here), apart from the Messages buckets: the
+/// third call in a row gets a 429 with `retry-after`; every call is counted, none is audited. It
+/// counts a prompt as the context window check does.
+#[tokio::test(start_paused = true)]
+async fn count_tokens_has_its_own_limit_and_counts_as_the_window_check() {
+    let mut config = SimConfig::new(rpm_only(1));
+    config.count_tokens_rpm = Some(2);
+    config.context_window = 100;
+    let sim = Simulator::new(config);
+    let body = MessagesRequest::user("claude-sim", "x".repeat(1_000), 16).to_bytes();
+    let count = || {
+        Request::post("/v1/messages/count_tokens")
+            .header("x-api-key", "sk-count")
+            .body(Full::new(body.clone()))
+            .unwrap()
+    };
+    let first = json(sim.clone().oneshot(count()).await.unwrap()).await;
+    let counted = first["input_tokens"].as_u64().unwrap();
+    assert!(counted > 100, "{counted}");
+    assert_eq!(
+        sim.clone().oneshot(count()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let third = sim.clone().oneshot(count()).await.unwrap();
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.headers()["retry-after"], "30");
+    assert_eq!(json(third).await["error"]["type"], "rate_limit_error");
+    assert_eq!(sim.count_tokens_calls(), 3);
+    assert!(sim.audit().is_empty());
+    // The Messages endpoint (its own bucket untouched) refuses the same prompt with the same count.
+    let res = sim
+        .clone()
+        .oneshot(request(Some("sk-count"), body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let msg = json(res).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        msg,
+        format!("prompt is too long: {counted} tokens > 100 maximum")
+    );
+    // Half a minute later the count has room again.
+    advance(Duration::from_secs(30)).await;
+    assert_eq!(
+        sim.clone().oneshot(count()).await.unwrap().status(),
+        StatusCode::OK
+    );
+}

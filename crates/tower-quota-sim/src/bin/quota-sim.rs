@@ -92,6 +92,9 @@ struct ServeArgs {
     /// Context window in tokens.
     #[arg(long, default_value_t = 200_000)]
     context_window: u64,
+    /// Calls per minute per key to `POST /v1/messages/count_tokens` (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    count_tokens_rpm: u64,
     /// Grace after a 429 before arrivals count as early, in milliseconds.
     #[arg(long, default_value_t = 100)]
     grace_ms: u64,
@@ -152,6 +155,7 @@ impl ServeArgs {
             .with_early_grace(Duration::from_millis(self.grace_ms))
             .with_seed(self.seed);
         c.context_window = self.context_window;
+        c.count_tokens_rpm = (self.count_tokens_rpm > 0).then_some(self.count_tokens_rpm);
         for &(at, rpm, itpm, otpm) in &self.limit_change {
             c = c.with_limit_change(
                 at,
