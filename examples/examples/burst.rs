@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_quota::budget::{Bucket, Limits as BudgetLimits};
 use tower_quota::partition::PartitionKey;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
@@ -122,6 +122,10 @@ fn demo_limits() -> Limits {
     }
 }
 
+/// A request's attempts' round trips, summed (nanoseconds), carried in its extensions.
+#[derive(Clone, Default)]
+struct RoundTrips(Arc<std::sync::atomic::AtomicU64>);
+
 #[derive(Default)]
 struct Record {
     /// Seconds since the start at which each request succeeded.
@@ -129,6 +133,11 @@ struct Record {
     /// Seconds since the start at which each 429 arrived.
     limited_at: Vec<f64>,
     latencies: Vec<Duration>,
+    /// Per succeeded request: the time it waited in the layers (its latency less its attempts'
+    /// round trips).
+    waits: Vec<Duration>,
+    /// Per attempt: send to response headers.
+    round_trips: Vec<Duration>,
     failed: usize,
     /// Failures by cause.
     causes: std::collections::BTreeMap<String, usize>,
@@ -180,17 +189,31 @@ async fn main() -> Result<(), BoxError> {
         .pool_max_idle_per_host(args.concurrency)
         .build::<_, Full<Bytes>>(connector);
     let seen = record.clone();
+    // Innermost: every attempt's answer as the server gave it, and its round trip (send to
+    // response headers), added to its request's total through a request extension (the retry's
+    // copies carry the extensions).
+    let timed = service_fn(move |req: Request<Full<Bytes>>| {
+        let total = req.extensions().get::<RoundTrips>().cloned();
+        let attempt = client.request(req);
+        let seen = seen.clone();
+        async move {
+            let t0 = Instant::now();
+            let res = attempt.await?;
+            let rtt = t0.elapsed();
+            if let Some(total) = total {
+                total.0.fetch_add(rtt.as_nanos() as u64, Ordering::Relaxed);
+            }
+            let mut r = seen.lock().unwrap();
+            r.round_trips.push(rtt);
+            if res.status() == 429 {
+                r.limited_at.push(start.elapsed().as_secs_f64());
+            }
+            Ok::<_, hyper_util::client::legacy::Error>(res)
+        }
+    });
     let api = ServiceBuilder::new()
         .quota_stack(preset.clone())
-        // Innermost: every attempt's answer, as the server gave it.
-        .map_response(move |res: Response<hyper::body::Incoming>| {
-            if res.status() == 429 {
-                let t = start.elapsed().as_secs_f64();
-                seen.lock().unwrap().limited_at.push(t);
-            }
-            res
-        })
-        .service(client);
+        .service(timed);
 
     let progress = Progress::new(args.requests as u64);
     let ticker = {
@@ -220,12 +243,14 @@ async fn main() -> Result<(), BoxError> {
                 let body =
                     MessagesRequest::user(&model, "Write a haiku about rate limits.", max_tokens)
                         .to_bytes();
-                let req = Request::post(format!("{base}/v1/messages"))
+                let mut req = Request::post(format!("{base}/v1/messages"))
                     .header("x-api-key", &key)
                     .header("anthropic-version", "2023-06-01")
                     .header("content-type", "application/json")
                     .body(Full::new(body))
                     .expect("a valid request");
+                let trips = RoundTrips::default();
+                req.extensions_mut().insert(trips.clone());
                 let t0 = Instant::now();
                 let outcome = async {
                     let res = api.clone().oneshot(req).await?;
@@ -239,7 +264,10 @@ async fn main() -> Result<(), BoxError> {
                 match outcome {
                     Ok((true, _, bytes)) => {
                         r.ok_at.push(start.elapsed().as_secs_f64());
-                        r.latencies.push(t0.elapsed());
+                        let latency = t0.elapsed();
+                        let on_wire = Duration::from_nanos(trips.0.load(Ordering::Relaxed));
+                        r.latencies.push(latency);
+                        r.waits.push(latency.saturating_sub(on_wire));
                         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                             r.input_tokens += v["usage"]["input_tokens"].as_u64().unwrap_or(0);
                             r.output_tokens += v["usage"]["output_tokens"].as_u64().unwrap_or(0);
@@ -263,12 +291,13 @@ async fn main() -> Result<(), BoxError> {
     let r = std::mem::take(&mut *record.lock().unwrap());
     let succeeded = r.ok_at.len();
     let retries = preset.retry.handle().retries();
-    let mut lat = r.latencies.clone();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+    let pct = |durations: &[Duration], p: f64| {
+        let mut d = durations.to_vec();
+        d.sort_unstable();
+        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
             .map_or(0.0, |d| d.as_secs_f64())
     };
+    let (lat, waits, trips) = (&r.latencies, &r.waits, &r.round_trips);
     // The binding limit: the simulator's requests bucket, or the one the budget learned.
     let limit = if local {
         let l = demo_limits();
@@ -319,9 +348,19 @@ async fn main() -> Result<(), BoxError> {
         r.input_tokens, r.output_tokens
     );
     println!(
-        "latency       p50 {:.2} s, p99 {:.2} s",
-        pct(0.5),
-        pct(0.99)
+        "latency       p50 {:.2} s, p99 {:.2} s (per request, end to end)",
+        pct(lat, 0.5),
+        pct(lat, 0.99)
+    );
+    println!(
+        "  waiting     p50 {:.2} s, p99 {:.2} s (in the layers: budget, slots, gate, backoff)",
+        pct(waits, 0.5),
+        pct(waits, 0.99)
+    );
+    println!(
+        "  round trip  p50 {:.3} s, p99 {:.3} s (per attempt, send to response headers)",
+        pct(trips, 0.5),
+        pct(trips, 0.99)
     );
     if let Some(sim) = &sim {
         let s = sim.summary();
@@ -345,6 +384,12 @@ async fn main() -> Result<(), BoxError> {
                 "retries": retries,
                 "elapsed_s": secs,
                 "goodput_rps": succeeded as f64 / secs,
+                "latency_p50_s": pct(lat, 0.5),
+                "latency_p99_s": pct(lat, 0.99),
+                "waiting_p50_s": pct(waits, 0.5),
+                "waiting_p99_s": pct(waits, 0.99),
+                "round_trip_p50_s": pct(trips, 0.5),
+                "round_trip_p99_s": pct(trips, 0.99),
             })
         );
     }
