@@ -288,13 +288,16 @@ async fn main() -> Result<(), BoxError> {
     progress.finish();
     let elapsed = start.elapsed();
 
-    let r = std::mem::take(&mut *record.lock().unwrap());
+    let mut r = std::mem::take(&mut *record.lock().unwrap());
     let succeeded = r.ok_at.len();
     let retries = preset.retry.handle().retries();
-    let pct = |durations: &[Duration], p: f64| {
-        let mut d = durations.to_vec();
+    // Each sorted once; `pct` reads a sorted slice.
+    for d in [&mut r.latencies, &mut r.waits, &mut r.round_trips] {
         d.sort_unstable();
-        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
+    }
+    let pct = |sorted: &[Duration], p: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
             .map_or(0.0, |d| d.as_secs_f64())
     };
     let (lat, waits, trips) = (&r.latencies, &r.waits, &r.round_trips);

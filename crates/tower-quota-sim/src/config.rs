@@ -135,7 +135,8 @@ pub struct SimConfig {
     /// The context window: a prompt estimated above it gets a 400 (never retryable).
     pub context_window: u64,
     /// Requests a minute to `POST /v1/messages/count_tokens` per key, a limit of its own apart
-    /// from the Messages buckets (`None`: unlimited). Over it, a 429 with `retry-after`.
+    /// from the Messages buckets (`None`: unlimited). Over it, a 429 with the wait announced in
+    /// the `retry_after` style.
     pub count_tokens_rpm: Option<u64>,
     /// A request that arrives this soon after a 429 is not counted as early: it may have been sent
     /// before the client saw the 429.

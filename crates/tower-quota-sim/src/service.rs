@@ -343,8 +343,12 @@ impl Simulator {
         };
         if let Some(wait) = refused {
             let mut headers = HeaderMap::new();
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            headers.insert("retry-after", HeaderValue::from(secs));
+            retry_after(
+                &mut headers,
+                self.shared.config.retry_after,
+                wait,
+                self.wall_now(),
+            );
             let body = api::error_body(
                 "rate_limit_error",
                 "This request would exceed the rate limit for counting tokens.",

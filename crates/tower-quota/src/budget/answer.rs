@@ -135,7 +135,8 @@ fn settle_answer<R>(
             ));
         }
         if !learned.is_empty() {
-            if learned.iter().any(|l| l.limit.is_some()) {
+            // Written once (every response writing it would bounce its cache line).
+            if !own.paced.load(Ordering::Relaxed) && learned.iter().any(|l| l.limit.is_some()) {
                 own.paced.store(true, Ordering::Relaxed);
             }
             // The server's count leaves out the requests admitted here and still held in the

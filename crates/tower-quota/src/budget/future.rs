@@ -112,21 +112,25 @@ where
         over: Option<ContextWindowError>,
     ) -> Self {
         let own = shared.queue(partition);
-        let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
-        let full = waiting >= shared.max_queue || over.is_some();
-        let phase = if let Some(e) = over {
-            own.waiting.fetch_sub(1, Ordering::SeqCst);
-            Phase::OverWindow(Box::new(e))
-        } else if full {
-            own.waiting.fetch_sub(1, Ordering::SeqCst);
-            Phase::Refused(waiting)
-        } else {
-            shared.queued.fetch_add(1, Ordering::SeqCst);
-            // With no global cap and no probe due, a request may first try the store without
-            // taking the turn: when nobody holds or waits for the turn, nobody is ahead of it.
-            let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
-            Phase::Turn { fast }
+        let phase = match over {
+            // Refused before it joins the queue's counts.
+            Some(e) => Phase::OverWindow(Box::new(e)),
+            None => {
+                let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
+                if waiting >= shared.max_queue {
+                    own.waiting.fetch_sub(1, Ordering::SeqCst);
+                    Phase::Refused(waiting)
+                } else {
+                    shared.queued.fetch_add(1, Ordering::SeqCst);
+                    // With no global cap and no probe due, a request may first try the store
+                    // without taking the turn: when nobody holds or waits for the turn, nobody
+                    // is ahead of it.
+                    let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
+                    Phase::Turn { fast }
+                }
+            }
         };
+        let queued = matches!(phase, Phase::Turn { .. });
         Self {
             svc,
             shared,
@@ -139,7 +143,7 @@ where
             asking: None,
             sleep: None,
             phase,
-            queued: !full,
+            queued,
             probe: false,
             probe_until: Instant::now(),
             not_sent: None,

@@ -94,8 +94,8 @@ struct Partition {
 }
 
 impl Partition {
-    /// Measures the closed span (again, if it was): its successes over its length, averaged by
-    /// halves with the rate before it.
+    /// Measures the closed span (again, if it was): its successes over its length, weighed by
+    /// that length against the rate before it ([`WEIGH_OVER`]).
     fn measure(&mut self, now: Instant) -> Option<f64> {
         let span = self.closed.as_mut()?;
         let base = *span.base.get_or_insert(self.rpm);

@@ -123,7 +123,13 @@ impl Shared {
     /// Whether a request of the partition of `own` must be its probe: some limit is neither
     /// configured nor learned and no response has been seen yet.
     pub(crate) fn probe_due(&self, own: &Queue) -> bool {
-        self.learn && !own.probed.load(Ordering::SeqCst) && own.scopes[0].limits.has_unset()
+        self.leaves_to_learn(own) && !own.probed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the partition of `own` learns some limit from the server: learning is on and some
+    /// limit is not configured.
+    fn leaves_to_learn(&self, own: &Queue) -> bool {
+        self.learn && own.scopes[0].limits.has_unset()
     }
 
     /// Whether the partition of `own` is admitted blind: some limit is neither configured nor
@@ -131,7 +137,7 @@ impl Shared {
     /// headers, until its rate is inferred). Meanwhile its requests go past the layers inside a
     /// few at a time ([`BLIND_HELD`]).
     pub(crate) fn blind(&self, own: &Queue) -> bool {
-        self.learn && !own.paced.load(Ordering::Relaxed) && own.scopes[0].limits.has_unset()
+        self.leaves_to_learn(own) && !own.paced.load(Ordering::Relaxed)
     }
 
     /// Whether the partition of `own` is admitted carefully: within [`CAREFUL_FOR`] of its last
@@ -140,7 +146,7 @@ impl Shared {
     /// Retry-After gate reopens. Limited like a blind partition ([`BLIND_HELD`]).
     pub(crate) fn careful(&self, own: &Queue) -> bool {
         let until = own.careful_until.load(Ordering::Relaxed);
-        until > 0 && Queue::millis(own, Instant::now()) < until
+        until > 0 && own.millis(Instant::now()) < until
     }
 
     /// The queue of partition `p`: its FIFO turn (only the holder asks the store) and its scopes.

@@ -65,10 +65,9 @@ where
             }
         };
         let over = shared.windows.as_ref().and_then(|w| {
-            let body = req.body().body_bytes();
             w.check(
                 req.headers(),
-                body.as_deref(),
+                || req.body().body_bytes(),
                 cost.input_tokens,
                 cost.output_tokens,
             )

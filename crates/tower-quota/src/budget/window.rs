@@ -25,6 +25,7 @@
 //! context limit: ..."), numbers included. The classifier already calls a 400 fatal, so it is
 //! never retried.
 
+use bytes::Bytes;
 use http::HeaderMap;
 use std::collections::HashMap;
 use std::fmt;
@@ -90,12 +91,12 @@ impl ContextWindows {
     }
 
     /// Checks a request estimated at `input` tokens with `max_tokens`: `Err` when it cannot fit
-    /// its model's window. The body is read for the model only when the request does not fit the
-    /// smallest window.
+    /// its model's window. `body` is asked for (and the model read from it) only when the request
+    /// does not fit the smallest window.
     pub(crate) fn check(
         &self,
         headers: &HeaderMap,
-        body: Option<&[u8]>,
+        body: impl FnOnce() -> Option<Bytes>,
         input: u64,
         max_tokens: u64,
     ) -> Result<(), ContextWindowError> {
@@ -103,7 +104,7 @@ impl ContextWindows {
         if needed <= self.smallest {
             return Ok(());
         }
-        let model = body.and_then(model_of);
+        let model = body().as_deref().and_then(model_of);
         let window = self.window(model.as_deref(), headers);
         if needed <= window {
             return Ok(());
@@ -258,8 +259,13 @@ mod tests {
         let w = ContextWindows::default().model("small", 8_000);
         let h = HeaderMap::new();
         let body = br#"{"model":"small","max_tokens":1000,"messages":[]}"#;
-        assert_eq!(w.check(&h, Some(body), 7_000, 1_000), Ok(()));
-        let e = w.check(&h, Some(body), 7_001, 1_000).unwrap_err();
+        assert_eq!(
+            w.check(&h, || Some(Bytes::from_static(body)), 7_000, 1_000),
+            Ok(())
+        );
+        let e = w
+            .check(&h, || Some(Bytes::from_static(body)), 7_001, 1_000)
+            .unwrap_err();
         assert_eq!(
             (e.model(), e.input_tokens(), e.max_tokens(), e.window()),
             (Some("small"), 7_001, Some(1_000), 8_000)
@@ -267,8 +273,14 @@ mod tests {
         assert!(!e.is_from_server());
         // Another model has the default window; a body without a model too.
         let other = br#"{"model":"big","max_tokens":1000}"#;
-        assert_eq!(w.check(&h, Some(other), 9_000, 1_000), Ok(()));
-        assert!(w.check(&h, Some(b"not json"), 199_001, 1_000).is_err());
+        assert_eq!(
+            w.check(&h, || Some(Bytes::from_static(other)), 9_000, 1_000),
+            Ok(())
+        );
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(b"not json")), 199_001, 1_000)
+                .is_err()
+        );
     }
 
     #[test]

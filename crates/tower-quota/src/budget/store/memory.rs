@@ -73,17 +73,32 @@ impl Level {
     /// `rate * dt - (remaining - remaining_then) - spent`. Measured only while the server's
     /// bucket is short of full at both ends (below 90 % of the most it has said remains, when that
     /// was at least a twentieth of the limit: a full bucket's refill is capped, and nobody is
-    /// limited); otherwise the estimate decays. Smoothed by halves, so a client that stops is
-    /// forgotten within about ten seconds. The first window after the limit is set begins at the
+    /// limited); otherwise the estimate decays by halves. A higher sample is averaged in by
+    /// halves, a lower one taken whole. The first window after the limit is set begins at the
     /// first empty count (a burst's counts lag by what it has in flight).
     fn observe(&mut self, remaining: f64, now: Instant) {
         self.peak = self.peak.max(remaining);
-        let Some((t0, r0)) = self.window else {
-            self.window = Some((now, remaining));
-            self.spent = 0.0;
-            self.anchored = remaining < 1.0;
-            return;
+        let empty = remaining < 1.0;
+        let (t0, r0) = match self.window {
+            Some(w) if self.anchored || !empty => w,
+            _ => {
+                // No window yet, or the first empty count since the limit was set: a window
+                // begins now. An empty count is the surest start: while a burst is spent, a
+                // count lags by all the burst has in flight (a window begun at 5 % of full took
+                // 40 requests in flight for another client's, and one begun at 52 of 60 took 17
+                // a second: the bucket then refilled at a twentieth of the limit). And the first
+                // estimate comes one window after the burst, not up to two.
+                self.anchored |= empty;
+                self.begin_window(remaining, now);
+                return;
+            }
         };
+        let dt = now.saturating_duration_since(t0);
+        if dt < OBSERVE_WINDOW {
+            return;
+        }
+        let dt = dt.as_secs_f64();
+        let rate = self.limit.rate_per_sec();
         // A level that has never been above a twentieth of the limit (three seconds' worth) is
         // taken as short of full whatever it was: few servers keep a burst that small, and a
         // level held down by another client must not pass for a full bucket.
@@ -92,24 +107,6 @@ impl Level {
         } else {
             f64::INFINITY
         };
-        if !self.anchored && remaining < 1.0 {
-            // The first empty count since the limit was set: a window begins now. An empty
-            // count is the surest start: while a burst is spent, a count lags by all the burst
-            // has in flight (a window begun at 5 % of full took 40 requests in flight for
-            // another client's, and one begun at 52 of 60 took 17 a second: the bucket then
-            // refilled at a twentieth of the limit). And the first estimate comes one window
-            // after the burst, not up to two.
-            self.anchored = true;
-            self.window = Some((now, remaining));
-            self.spent = 0.0;
-            return;
-        }
-        let dt = now.saturating_duration_since(t0);
-        if dt < OBSERVE_WINDOW {
-            return;
-        }
-        let dt = dt.as_secs_f64();
-        let rate = self.limit.rate_per_sec();
         if r0 < short && remaining < short {
             // A sample may be negative (the counts are whole numbers, and lag by a round trip):
             // only the smoothed estimate is kept within 0 and the rate, so noise does not bias it.
@@ -128,6 +125,11 @@ impl Level {
         } else {
             self.foreign *= 0.5;
         }
+        self.begin_window(remaining, now);
+    }
+
+    /// A window of the server's counts begins at `remaining`, now.
+    fn begin_window(&mut self, remaining: f64, now: Instant) {
         self.window = Some((now, remaining));
         self.spent = 0.0;
     }
@@ -662,6 +664,25 @@ mod tests {
         }]
     }
 
+    /// A store with partition `id` at 600 requests a minute, made by one granted reservation.
+    fn with_partition(id: u64) -> (MemoryStore, PartitionKey, [Scope; 1]) {
+        let store = MemoryStore::new(10);
+        let p = PartitionKey::from_u64(id);
+        let s = scope(p, 600);
+        assert!(matches!(
+            store.reserve_now(&s, Cost::new(0, 0)),
+            Admission::Granted { .. }
+        ));
+        (store, p, s)
+    }
+
+    /// `n` requests of `s` admitted (or not: the level may go short).
+    fn take(store: &MemoryStore, s: &[Scope], n: u32) {
+        for _ in 0..n {
+            let _ = store.reserve_now(s, Cost::new(0, 0));
+        }
+    }
+
     /// The server's count, learned.
     fn count(remaining: u64, unseen: u64) -> [Learned; 1] {
         [Learned {
@@ -677,14 +698,8 @@ mod tests {
     async fn what_another_client_takes_slows_the_refill_and_is_forgotten_when_it_stops() {
         // 600 a minute (10 a second); this store takes 4 a second, the server's count shows 10
         // gone each second: another client takes 6.
-        let store = MemoryStore::new(10);
-        let p = PartitionKey::from_u64(7);
-        let s = scope(p, 600);
+        let (store, p, s) = with_partition(7);
         let level = |store: &MemoryStore| store.snapshot_now(p, s[0].limits).unwrap().buckets[0];
-        assert!(matches!(
-            store.reserve_now(&s, Cost::new(0, 0)),
-            Admission::Granted { .. }
-        ));
         store.learn_now(p, &count(5, 0));
         let mut remaining = 5;
         for _ in 0..9 {
@@ -720,13 +735,7 @@ mod tests {
         // 600 a minute; the server's bucket starts full, a burst spends it in 2.5 s: the window
         // begun full restarts at the empty count, so the first estimate comes 3 s after it (at
         // 5.5 s), from counts that no longer lag by the burst.
-        let store = MemoryStore::new(10);
-        let p = PartitionKey::from_u64(9);
-        let s = scope(p, 600);
-        assert!(matches!(
-            store.reserve_now(&s, Cost::new(0, 0)),
-            Admission::Granted { .. }
-        ));
+        let (store, p, s) = with_partition(9);
         store.learn_now(p, &count(600, 0));
         tokio::time::advance(Duration::from_millis(1500)).await;
         store.learn_now(p, &count(300, 0));
@@ -736,9 +745,7 @@ mod tests {
         // Then 4 a second of ours, and the count stays at 0: another client takes 6.
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            for _ in 0..4 {
-                let _ = store.reserve_now(&s, Cost::new(0, 0));
-            }
+            take(&store, &s, 4);
             store.learn_now(p, &count(0, 0));
         }
         let f = foreign(&store);
@@ -751,25 +758,17 @@ mod tests {
         // after it (59); the burst's last 20 are admitted, and the count reaches 0. A window
         // from 52 would take the burst's lag for another client (14 a second, clamped to the
         // whole rate: the bucket would refill at a twentieth of it).
-        let store = MemoryStore::new(10);
-        let p = PartitionKey::from_u64(10);
-        let s = scope(p, 600);
-        let take = |store: &MemoryStore, n: u32| {
-            for _ in 0..n {
-                let _ = store.reserve_now(&s, Cost::new(0, 0));
-            }
-        };
-        take(&store, 1);
+        let (store, p, s) = with_partition(10);
         store.learn_now(p, &count(52, 0));
         tokio::time::advance(Duration::from_millis(100)).await;
         store.learn_now(p, &count(59, 0));
-        take(&store, 20);
+        take(&store, &s, 20);
         tokio::time::advance(Duration::from_millis(900)).await;
         store.learn_now(p, &count(0, 0));
         // Then 10 a second of ours, all the server refills: nobody else.
         for _ in 0..4 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            take(&store, 10);
+            take(&store, &s, 10);
             store.learn_now(p, &count(0, 0));
         }
         let foreign = store.lock().map[&p].levels[0].unwrap().foreign;
@@ -778,13 +777,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_count_leaves_out_the_requests_still_held_inside() {
-        let store = MemoryStore::new(10);
-        let p = PartitionKey::from_u64(8);
-        let s = scope(p, 600);
-        assert!(matches!(
-            store.reserve_now(&s, Cost::new(0, 0)),
-            Admission::Granted { .. }
-        ));
+        let (store, p, s) = with_partition(8);
         // The server says 50 remain; 20 admitted here have not reached it yet.
         store.learn_now(p, &count(50, 20));
         let (l, _) = store.snapshot_now(p, s[0].limits).unwrap().buckets[0].unwrap();
