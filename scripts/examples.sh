@@ -40,8 +40,9 @@ for style in seconds http-date ms none; do
   done
 done
 
-echo "--- hyper_client, custom_service, axum_upstream, shared_quota"
+echo "--- hyper_client, reqwest_client, custom_service, axum_upstream, shared_quota"
 $bin/examples/hyper_client
+$bin/examples/reqwest_client
 $bin/examples/custom_service
 $bin/examples/axum_upstream
 $bin/examples/shared_quota
