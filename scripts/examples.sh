@@ -47,6 +47,11 @@ $bin/examples/custom_service
 $bin/examples/axum_upstream
 $bin/examples/shared_quota
 
+echo "--- prometheus: the exposition after a burst"
+out=$($bin/examples/prometheus)
+echo "$out" | grep -E '^tower_quota_(answers_total|retries_total|gate_closures_total)' | head -8
+echo "$out" | tail -1
+
 echo "--- goodput benchmark (short, in process)"
 $bin/goodput --requests 300 --http-requests 0 > target/goodput-short.md
 head -14 target/goodput-short.md

@@ -119,6 +119,7 @@ pub mod concurrency;
 pub mod context;
 pub mod error;
 pub mod hint;
+pub mod metrics;
 pub mod partition;
 pub mod retry;
 pub mod retry_after;

@@ -56,6 +56,7 @@ pub(super) fn answer<ResB>(
         Ok(res) => res,
         Err(e) => {
             let verdict = shared.ctx.classify_error(&*e);
+            own.metrics.answer(verdict.outcome);
             if verdict.outcome == Outcome::Transport(TransportKind::Connect) {
                 // The request never reached the server.
                 handle.refund();
@@ -89,6 +90,7 @@ fn settle_answer<R>(
     res: &mut Response<R>,
 ) {
     let outcome = shared.ctx.classify(res).outcome;
+    own.metrics.answer(outcome);
     let signals = if outcome == Outcome::Success {
         shared.ctx.signals_once(res)
     } else {
@@ -143,6 +145,12 @@ fn settle_answer<R>(
             // layers inside (queued for a slot, or behind the gate): they will spend it.
             let held = u64::try_from(own.held.load(Ordering::SeqCst)).unwrap_or(0);
             for l in &mut learned {
+                if let Some(limit) = l.limit {
+                    own.metrics.limit(l.bucket, limit);
+                }
+                if let Some(remaining) = l.remaining {
+                    own.metrics.remaining(l.bucket, remaining);
+                }
                 if l.bucket == Bucket::Requests {
                     l.unseen = held;
                 }

@@ -9,6 +9,7 @@ use super::reservation::{NotSent, ReservationHandle};
 use super::store::{Admission, StoreFuture};
 use super::window::ContextWindowError;
 use crate::BoxError;
+use crate::metrics::Refusal;
 use crate::partition::PartitionKey;
 use crate::util::{Acquire, poll_acquire};
 use http::{Request, Response};
@@ -62,6 +63,7 @@ pin_project! {
             if *this.queued {
                 this.shared.queued.fetch_sub(1, Ordering::SeqCst);
                 this.own.waiting.fetch_sub(1, Ordering::SeqCst);
+                this.own.metrics.waiting.decrement(1.0);
             }
         }
     }
@@ -119,9 +121,11 @@ where
                 let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
                 if waiting >= shared.max_queue {
                     own.waiting.fetch_sub(1, Ordering::SeqCst);
+                    own.metrics.refused(Refusal::QueueFull);
                     Phase::Refused(waiting)
                 } else {
                     shared.queued.fetch_add(1, Ordering::SeqCst);
+                    own.metrics.waiting.increment(1.0);
                     // With no global cap and no probe due, a request may first try the store
                     // without taking the turn: when nobody holds or waits for the turn, nobody
                     // is ahead of it.
@@ -145,6 +149,7 @@ where
             phase,
             queued,
             probe: false,
+            // The arrival until admission (the wait it measures), then a probe's deadline.
             probe_until: Instant::now(),
             not_sent: None,
             state: State::Holding { req: Some(req) },
@@ -220,6 +225,7 @@ where
                     return Poll::Ready(Err(Box::new(queue_full(this.own, waiting))));
                 }
                 Phase::OverWindow(_) => {
+                    this.own.metrics.refused(Refusal::ContextWindow);
                     let Phase::OverWindow(e) = std::mem::replace(this.phase, Phase::Refused(0))
                     else {
                         unreachable!("matched above")
@@ -281,6 +287,11 @@ where
                             shared.queued.fetch_sub(1, Ordering::SeqCst);
                             this.own.waiting.fetch_sub(1, Ordering::SeqCst);
                             shared.admitted.fetch_add(1, Ordering::Relaxed);
+                            // `probe_until` still holds the arrival here (see `new`).
+                            let now = Instant::now();
+                            let waited = now.saturating_duration_since(*this.probe_until);
+                            this.own.metrics.waiting.decrement(1.0);
+                            this.own.metrics.admitted(*this.cost, waited);
                             *this.global_turn = None;
                             // While some limit is neither configured nor learned, the first request
                             // of a partition is a probe: it keeps the turn until its response has
@@ -288,7 +299,6 @@ where
                             // blind.
                             *this.probe = this.turn.is_some() && shared.probe_due(this.own);
                             if *this.probe {
-                                let now = Instant::now();
                                 *this.probe_until =
                                     now.checked_add(shared.max_probe).unwrap_or(now);
                             } else {
@@ -296,11 +306,10 @@ where
                             }
                             let handle = ReservationHandle::new(
                                 shared.store.clone(),
-                                scopes.clone(),
                                 *this.partition,
                                 *this.cost,
                                 charged,
-                                this.own.held.clone(),
+                                this.own.clone(),
                             );
                             if let Some(req) = req.as_mut() {
                                 crate::wire::mark(req.extensions_mut(), handle.wire_mark());
@@ -314,6 +323,7 @@ where
                             needed,
                             capacity,
                         } => {
+                            this.own.metrics.refused(Refusal::TooLarge);
                             return Poll::Ready(Err(Box::new(BudgetError::too_large(
                                 partition, bucket, needed, capacity,
                             ))));
@@ -328,6 +338,7 @@ where
                             reason,
                         } => {
                             if let Some(cap) = shared.max_wait.filter(|cap| retry_in > *cap) {
+                                this.own.metrics.refused(Refusal::WaitTooLong);
                                 return Poll::Ready(Err(Box::new(BudgetError::wait_too_long(
                                     partition, retry_in, cap,
                                 ))));

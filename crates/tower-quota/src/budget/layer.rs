@@ -1,7 +1,7 @@
 use super::estimate::{Estimate, MessagesEstimator};
 use super::store::{BudgetStore, MemoryStore, Scope, Snapshot, StoreError};
 use super::window::ContextWindows;
-use super::{Limits, TokenBudget};
+use super::{Bucket, Limits, TokenBudget};
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
 use std::collections::HashMap;
@@ -72,6 +72,8 @@ pub(crate) struct Queue {
     /// Its admitted requests still held in the layers inside (the concurrency limit's queue, the
     /// Retry-After gate): the server has not counted them yet.
     pub(crate) held: Arc<std::sync::atomic::AtomicIsize>,
+    /// Its handles in the `metrics` facade.
+    pub(crate) metrics: crate::metrics::BudgetMetrics,
 }
 
 impl Queue {
@@ -165,15 +167,23 @@ impl Shared {
             });
             self.sweep.swept(map.len());
         }
+        let scopes = self.scopes(p);
+        let metrics = crate::metrics::BudgetMetrics::new(p);
+        for b in Bucket::ALL {
+            if let Some(l) = scopes[0].limits.get(b) {
+                metrics.limit(b, l.per_minute);
+            }
+        }
         let q = Arc::new(Queue {
             queue: Arc::new(Semaphore::new(1)),
             probed: AtomicBool::new(false),
             paced: AtomicBool::new(false),
             careful_until: AtomicU64::new(0),
             epoch: Instant::now(),
-            scopes: self.scopes(p),
+            scopes,
             waiting: AtomicUsize::new(0),
             held: Default::default(),
+            metrics,
         });
         map.insert(p, q.clone());
         q

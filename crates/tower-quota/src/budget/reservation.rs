@@ -1,10 +1,11 @@
 use super::Cost;
-use super::store::{BudgetStore, Charged, Delta, Scope};
+use super::layer::Queue;
+use super::store::{BudgetStore, Charged, Delta};
 use crate::partition::PartitionKey;
 use crate::wire::{self, WireCell, WireMark};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicIsize, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
@@ -27,15 +28,15 @@ pub(crate) fn drive(fut: impl Future<Output = ()> + Send + 'static) {
 
 struct Ledger {
     store: Arc<dyn BudgetStore>,
-    scopes: Arc<[Scope]>,
     partition: PartitionKey,
     estimate: Cost,
     charged: Charged,
     settled: Mutex<Option<Cost>>,
     /// Whether the request has left our layers (see [`WireMark`]).
     wire: AtomicU8,
-    /// Its partition's count of admitted requests still held in the layers inside.
-    held: Arc<AtomicIsize>,
+    /// Its partition's queue: the scopes it drew on, the count of admitted requests still held in
+    /// the layers inside, the metrics.
+    own: Arc<Queue>,
     /// When it was admitted.
     admitted: tokio::time::Instant,
     /// When a layer inside last handed it on, in nanoseconds after `admitted` (0: never).
@@ -48,7 +49,7 @@ impl WireCell for Ledger {
     }
 
     fn held(&self, delta: isize) {
-        self.held.fetch_add(delta, Ordering::SeqCst);
+        self.own.held.fetch_add(delta, Ordering::SeqCst);
     }
 
     fn left(&self) {
@@ -65,7 +66,7 @@ impl Drop for Ledger {
     fn drop(&mut self) {
         // Given up while held (never handed on, or in a queue): it leaves the count.
         if wire::is_held(self) {
-            self.held.fetch_sub(1, Ordering::SeqCst);
+            self.own.held.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -80,23 +81,21 @@ pub struct ReservationHandle(Arc<Ledger>);
 impl ReservationHandle {
     pub(crate) fn new(
         store: Arc<dyn BudgetStore>,
-        scopes: Arc<[Scope]>,
         partition: PartitionKey,
         estimate: Cost,
         charged: Charged,
-        held: Arc<AtomicIsize>,
+        own: Arc<Queue>,
     ) -> Self {
         // Granted and not handed on yet: held until the layers inside hand it on.
-        held.fetch_add(1, Ordering::SeqCst);
+        own.held.fetch_add(1, Ordering::SeqCst);
         Self(Arc::new(Ledger {
             store,
-            scopes,
             partition,
             estimate,
             charged,
             settled: Mutex::new(None),
             wire: wire::cell(),
-            held,
+            own,
             admitted: tokio::time::Instant::now(),
             sent_after: AtomicU64::new(0),
         }))
@@ -152,6 +151,7 @@ impl ReservationHandle {
             }
             *s = Some(actual);
         }
+        self.0.own.metrics.settled(actual);
         let delta = Delta {
             only: self.0.charged,
             ..Delta::between(self.0.estimate, actual)
@@ -159,7 +159,7 @@ impl ReservationHandle {
         if !delta.is_zero() {
             let ledger = self.0.clone();
             drive(async move {
-                if let Err(e) = ledger.store.adjust(&ledger.scopes, delta).await {
+                if let Err(e) = ledger.store.adjust(&ledger.own.scopes, delta).await {
                     tracing::warn!(error = %e.0, "budget: settling a reservation failed");
                 }
             });

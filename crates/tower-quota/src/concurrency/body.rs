@@ -59,7 +59,12 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
-            None | Some(Err(_)) => *this.permit = None,
+            None => {
+                if let Some(p) = this.permit.take() {
+                    p.body_ended();
+                }
+            }
+            Some(Err(_)) => *this.permit = None,
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

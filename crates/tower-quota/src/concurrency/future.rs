@@ -95,8 +95,7 @@ where
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
-                    let slots = this.slots.as_ref();
-                    if slots.and_then(Slots::own).is_some_and(|l| l.adapts()) {
+                    if this.slots.as_ref().and_then(Slots::own).is_some() {
                         *this.sent_at = Some(Instant::now());
                     }
                     let fut = this.svc.call(req);
@@ -106,18 +105,24 @@ where
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
                     let slots = this.slots.take().expect("slots handed over once");
                     if let (Some(own), Some(sent_at)) = (slots.own(), *this.sent_at) {
-                        // An adaptive limit learns from every attempt's outcome and round trip.
                         let now = Instant::now();
                         let rtt = now.saturating_duration_since(sent_at);
-                        let ctx = &this.shared.ctx;
-                        let outcome = match &result {
-                            Ok(res) => ctx.classify(res).outcome,
-                            Err(e) => ctx.classify_error(&**e).outcome,
-                        };
-                        let saturated = slots.saturated() && outcome == Outcome::Success;
-                        own.observe_at(outcome, rtt, saturated, now);
+                        own.round_trip(rtt);
+                        if own.adapts() {
+                            // An adaptive limit learns from every attempt's outcome and round trip.
+                            let ctx = &this.shared.ctx;
+                            let outcome = match &result {
+                                Ok(res) => ctx.classify(res).outcome,
+                                Err(e) => ctx.classify_error(&**e).outcome,
+                            };
+                            let saturated = slots.saturated() && outcome == Outcome::Success;
+                            own.observe_at(outcome, rtt, saturated, now);
+                        }
                     }
-                    let permit = slots.into_permit();
+                    let mut permit = slots.into_permit();
+                    if let Some(at) = *this.sent_at {
+                        permit.sent(at);
+                    }
                     return Poll::Ready(match result {
                         Ok(res) => Ok(res.map(|b| ConcurrencyBody::new(b, permit))),
                         Err(e) => Err(e),

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tower::Layer;
 
 /// The slots one request takes, in order (its partition's, then the global cap's when there is
@@ -14,11 +15,30 @@ use tower::Layer;
 pub(crate) struct Permit {
     limiters: [Option<Arc<Limiter>>; 2],
     held: usize,
+    /// When the request was sent (for the round trip to the end of its body).
+    sent_at: Option<tokio::time::Instant>,
 }
 
 impl Permit {
     pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
-        Self { limiters, held: 0 }
+        Self {
+            limiters,
+            held: 0,
+            sent_at: None,
+        }
+    }
+
+    /// The request was sent at `at`.
+    pub(crate) fn sent(&mut self, at: tokio::time::Instant) {
+        self.sent_at = Some(at);
+    }
+
+    /// Its response body ended: the round trip from the send to the body's end is recorded.
+    pub(crate) fn body_ended(&self) {
+        if let (Some(own), Some(at)) = (self.own(), self.sent_at) {
+            let rtt = tokio::time::Instant::now().saturating_duration_since(at);
+            own.metrics.to_body_end.record(rtt.as_secs_f64());
+        }
     }
 
     /// The next limiter to take a slot of, if any.
@@ -97,7 +117,7 @@ impl Shared {
                     sweep.swept(map.len());
                 }
                 map.entry(p)
-                    .or_insert_with(|| Limiter::new(*policy))
+                    .or_insert_with(|| Limiter::new(*policy, crate::metrics::partition_label(p)))
                     .clone()
             }
         };
@@ -155,7 +175,10 @@ impl ConcurrencyLimitLayer {
 
     fn from_config(config: Config) -> Self {
         let mode = match config.per_partition {
-            None => Mode::Shared(Limiter::new(config.policy)),
+            None => Mode::Shared(Limiter::new(
+                config.policy,
+                metrics::SharedString::const_str("shared"),
+            )),
             Some(max_partitions) => Mode::Partitioned {
                 policy: config.policy,
                 limiters: Mutex::new(HashMap::new()),
@@ -165,7 +188,12 @@ impl ConcurrencyLimitLayer {
         Self {
             shared: Arc::new(Shared {
                 mode,
-                global: config.global_cap.map(|c| Limiter::new(LimitKind::Fixed(c))),
+                global: config.global_cap.map(|c| {
+                    Limiter::new(
+                        LimitKind::Fixed(c),
+                        metrics::SharedString::const_str("global"),
+                    )
+                }),
                 max_queue: config.max_queue,
                 ctx: config.ctx.clone(),
             }),
@@ -310,6 +338,20 @@ impl ConcurrencyHandle {
     /// The current limit (summed over tracked partitions in per-partition mode).
     pub fn limit(&self) -> usize {
         self.shared.own().iter().map(|l| l.limit()).sum()
+    }
+
+    /// The smoothed round trip (send to response headers, time queued left out) of `partition`'s
+    /// limit, or of the shared one in shared mode (`partition` ignored); `None` before the first
+    /// answer or when the partition is not tracked.
+    pub fn round_trip(&self, partition: PartitionKey) -> Option<Duration> {
+        match &self.shared.mode {
+            Mode::Shared(l) => l.smoothed_rtt(),
+            Mode::Partitioned { limiters, .. } => limiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&partition)
+                .and_then(|l| l.smoothed_rtt()),
+        }
     }
 
     /// The limit of `partition` (`None` in shared mode or when not tracked).

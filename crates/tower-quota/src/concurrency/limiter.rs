@@ -2,8 +2,9 @@
 
 use crate::classify::Outcome;
 use crate::error::QueueFull;
+use crate::metrics::LimiterMetrics;
 use crate::partition::PartitionKey;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -73,6 +74,11 @@ pub(crate) struct Limiter {
     /// Whether permits are owed (`State::debt > 0`), published on every change: a release locks
     /// only then.
     owing: AtomicBool,
+    /// The smoothed round trip (send to response headers) in microseconds, 0 before the first:
+    /// every policy measures it, for the live state.
+    smoothed_rtt_us: AtomicU64,
+    /// Its handles in the `metrics` facade.
+    pub(crate) metrics: LimiterMetrics,
 }
 
 impl LimitKind {
@@ -86,8 +92,11 @@ impl LimitKind {
 }
 
 impl Limiter {
-    pub(crate) fn new(policy: LimitKind) -> Arc<Self> {
+    /// A limiter whose metrics carry the `partition` label `label`.
+    pub(crate) fn new(policy: LimitKind, label: metrics::SharedString) -> Arc<Self> {
         let initial = policy.initial();
+        let metrics = LimiterMetrics::new(label);
+        metrics.limit.set(initial as f64);
         Arc::new(Self {
             sem: Arc::new(Semaphore::new(initial)),
             policy,
@@ -103,6 +112,8 @@ impl Limiter {
             queued: AtomicUsize::new(0),
             whole: AtomicUsize::new(initial),
             owing: AtomicBool::new(false),
+            smoothed_rtt_us: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -152,6 +163,7 @@ impl Limiter {
     /// Called with a permit just acquired: counts it in flight; returns whether the limit is
     /// reached (the signal that allows growth).
     pub(crate) fn acquired(&self) -> bool {
+        self.metrics.in_flight.increment(1.0);
         let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         n >= self.limit()
     }
@@ -160,6 +172,7 @@ impl Limiter {
     /// Gives back a slot whose permit was forgotten when taken: the permit returns to the
     /// semaphore, unless the limit shrank while it was held (then it pays the debt).
     pub(crate) fn release(&self) {
+        self.metrics.in_flight.decrement(1.0);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         // A debt set just after this check is paid by the next release instead.
         if self.owing.load(Ordering::SeqCst) {
@@ -172,6 +185,26 @@ impl Limiter {
             }
         }
         self.sem.add_permits(1);
+    }
+
+    /// One attempt's round trip to its response headers: smoothed for the live state (weights
+    /// 0.8 / 0.2, as the adaptive policy smooths it), recorded in the metrics.
+    pub(crate) fn round_trip(&self, rtt: Duration) {
+        self.metrics.to_headers.record(rtt.as_secs_f64());
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .smoothed_rtt_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| {
+                Some(if prev == 0 { us } else { (prev * 4 + us) / 5 })
+            });
+    }
+
+    /// The smoothed round trip to the response headers, once one was measured.
+    pub(crate) fn smoothed_rtt(&self) -> Option<Duration> {
+        match self.smoothed_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// Feeds one attempt's outcome and round-trip time to the policy.
@@ -255,6 +288,7 @@ impl Limiter {
             s.debt += shrink;
         }
         self.whole.store(s.limit as usize, Ordering::SeqCst);
+        self.metrics.limit.set(s.limit.floor().max(1.0));
         self.owing.store(s.debt > 0, Ordering::SeqCst);
     }
 }
@@ -265,12 +299,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn aimd_grows_when_saturated_and_shrinks_on_backpressure() {
-        let l = Limiter::new(LimitKind::Aimd(Aimd {
-            initial: 4,
-            min: 2,
-            max: 6,
-            decrease_ratio: 0.5,
-        }));
+        let l = Limiter::new(
+            LimitKind::Aimd(Aimd {
+                initial: 4,
+                min: 2,
+                max: 6,
+                decrease_ratio: 0.5,
+            }),
+            metrics::SharedString::const_str("test"),
+        );
         let rtt = Duration::from_millis(100);
         for _ in 0..40 {
             l.observe(Outcome::Success, rtt, true);
@@ -291,12 +328,15 @@ mod tests {
 
     #[tokio::test]
     async fn shrinking_while_permits_are_held_forgets_them_on_release() {
-        let l = Limiter::new(LimitKind::Aimd(Aimd {
-            initial: 4,
-            min: 1,
-            max: 4,
-            decrease_ratio: 0.5,
-        }));
+        let l = Limiter::new(
+            LimitKind::Aimd(Aimd {
+                initial: 4,
+                min: 1,
+                max: 4,
+                decrease_ratio: 0.5,
+            }),
+            metrics::SharedString::const_str("test"),
+        );
         for _ in 0..4 {
             l.sem.clone().try_acquire_owned().unwrap().forget();
             l.acquired();

@@ -30,6 +30,18 @@ pub enum GiveUp {
 }
 
 impl GiveUp {
+    /// A short name for the reason (the `reason` label of the retry's give-up metric):
+    /// `attempts`, `budget`, `not_replayable`, `hint_too_long` or `deadline`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            GiveUp::AttemptsExhausted => "attempts",
+            GiveUp::BudgetEmpty => "budget",
+            GiveUp::NotReplayable => "not_replayable",
+            GiveUp::HintTooLong { .. } => "hint_too_long",
+            GiveUp::DeadlineExceeded { .. } => "deadline",
+        }
+    }
+
     /// The instant a retry would have been possible, for the reasons that have one.
     pub fn retry_at(self) -> Option<Instant> {
         match self {

@@ -7,6 +7,7 @@ use super::policy::{self, Attempts, Next, Pace};
 use crate::BoxError;
 use crate::body::{InMemoryBody, try_clone_request};
 use crate::hint::RetryAt;
+use crate::partition::PartitionKey;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -170,8 +171,14 @@ where
                             (next, verdict.outcome, Err(e))
                         }
                     };
+                    let partition = || {
+                        this.template
+                            .as_ref()
+                            .map_or(PartitionKey::ANONYMOUS, |r| shared.ctx.partition_here(r))
+                    };
                     match next {
                         Next::Retry { at, source } => {
+                            crate::metrics::retried(partition(), outcome);
                             let delay = at.saturating_duration_since(Instant::now());
                             tracing::debug!(
                                 attempt = this.attempts.sent,
@@ -187,6 +194,7 @@ where
                         }
                         Next::GiveUp(reason) => {
                             shared.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                            crate::metrics::gave_up(partition(), reason.label());
                             tracing::debug!(attempt = this.attempts.sent, outcome = ?outcome, %reason, "retry: giving up");
                             let attempts = this.attempts.sent;
                             return Poll::Ready(match failure {

@@ -317,6 +317,11 @@ impl Shared {
             .checked_add(delay)
             .unwrap_or(received + crate::util::FAR_FUTURE);
         let until = self.close(p, at, received);
+        crate::metrics::gate_closed(
+            p,
+            until.saturating_duration_since(received),
+            source == RetrySource::Inferred,
+        );
         tracing::debug!(
             partition = %p,
             status = res.status().as_u16(),
