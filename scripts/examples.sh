@@ -16,8 +16,16 @@ echo "$out" | tail -12
 python3 -c "import xml.dom.minidom,sys; d=xml.dom.minidom.parse('target/burst.svg'); assert d.documentElement.tagName=='svg'; assert len(d.getElementsByTagName('polyline'))+len(d.getElementsByTagName('path'))>0"
 echo "plot: target/burst.svg is a well-formed SVG"
 
-echo "--- burst --compare (short)"
-$bin/examples/burst --compare --requests 90 | tail -9
+echo "--- burst --compare (short), with --plot: one panel per strategy"
+$bin/examples/burst --compare --requests 90 --plot target/compare.svg | tail -10
+python3 - <<'PY'
+import xml.dom.minidom
+svg = open('target/compare.svg').read()
+xml.dom.minidom.parseString(svg)
+for name in ['naive', 'seed recipe', 'tower built-ins', 'SDK-like', 'tower-quota (configured)']:
+    assert name in svg, name + ' missing from the comparison plot'
+print('plot: target/compare.svg is a well-formed SVG naming every strategy')
+PY
 
 echo "--- burst --base-url against quota-sim, every Retry-After style, with and without rate-limit headers"
 port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")

@@ -9,7 +9,9 @@
 //!
 //! - `--compare` runs the same burst with the naive loop, the seed recipe, tower's built-ins, the
 //!   SDK-like policy and tower-quota, each against a fresh server, and prints them side by side.
-//! - `--plot FILE.svg` draws successes and 429s per second against the limit.
+//! - `--plot FILE.svg` draws successes and 429s per second against the limit, the limit the
+//!   budget learned, and the queue depth over time; with `--compare`, one panel per strategy
+//!   (from the simulator's own record of what it answered).
 //! - `--base-url URL --api-key KEY` (default `$ANTHROPIC_API_KEY`) aims it at a real
 //!   Anthropic-compatible API; the stack then learns the limits from the headers.
 //! - `--json` prints the summary as one JSON object on the last line.
@@ -33,7 +35,7 @@ use tower_quota::partition::PartitionKey;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
 use tower_quota_bench::scenario::{Scenario, Target, Unit, client_limits, run, table};
 use tower_quota_bench::strategy::Strategy;
-use tower_quota_sim::{Limits, MessagesRequest, SimConfig, Simulator};
+use tower_quota_sim::{AuditOutcome, Limits, MessagesRequest, SimConfig, Simulator};
 
 #[derive(Parser)]
 #[command(about = "Send a burst of concurrent Messages requests through the tower-quota stack")]
@@ -62,7 +64,8 @@ struct Args {
     /// Run the same burst with every strategy and print them side by side.
     #[arg(long)]
     compare: bool,
-    /// Draw requests/s over time against the limit, with 429s marked, into this SVG file.
+    /// Draw requests/s over time against the limit, with 429s, the learned limit and the queue
+    /// depth, into this SVG file (with `--compare`: one panel per strategy).
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object on the last line.
@@ -143,6 +146,9 @@ struct Record {
     causes: std::collections::BTreeMap<String, usize>,
     input_tokens: u64,
     output_tokens: u64,
+    /// Sampled by the progress ticker: (seconds since the start, requests queued in the layers,
+    /// the requests/s the budget holds to then, if known).
+    samples: Vec<(f64, usize, Option<f64>)>,
 }
 
 #[tokio::main]
@@ -216,12 +222,28 @@ async fn main() -> Result<(), BoxError> {
         .service(timed);
 
     let progress = Progress::new(args.requests as u64);
+    // The budget's requests/s: the configured rate, else the learned one (a learned bucket holds
+    // a minute's worth, so its capacity is the per-minute rate).
+    let configured = limits.requests.map(|l| l.per_minute as f64 / 60.0);
     let ticker = {
         let (preset, record, progress) = (preset.clone(), record.clone(), progress.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 progress.update(&preset, partition, &record, start);
+                let queued = preset.budget.handle().queued() + preset.concurrency.handle().queued();
+                let learned = preset
+                    .budget
+                    .handle()
+                    .snapshot(partition)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.bucket(Bucket::Requests))
+                    .map(|(_, cap)| cap as f64 / 60.0);
+                let rate = configured.or(learned);
+                let t = start.elapsed().as_secs_f64();
+                record.lock().unwrap().samples.push((t, queued, rate));
             }
         })
     };
@@ -485,27 +507,39 @@ impl Progress {
     }
 }
 
-/// Successes and 429s per second against the limit.
-fn plot(path: &std::path::Path, r: &Record, rate: Option<f64>, secs: f64) -> Result<(), BoxError> {
+/// Counts per one-second bin of `bins`.
+fn per_second(ts: &[f64], bins: usize) -> Vec<u32> {
+    let mut v = vec![0u32; bins];
+    for &t in ts {
+        v[(t.max(0.0) as usize).min(bins - 1)] += 1;
+    }
+    v
+}
+
+/// What one panel shows: successes and 429s per second against the server's limit (and, for a
+/// single run, the limit the budget held to).
+struct Panel<'a> {
+    title: &'a str,
+    ok_at: &'a [f64],
+    limited_at: &'a [f64],
+    /// The server's limit, requests/s.
+    rate: Option<f64>,
+    /// The limit the budget held to over time: (seconds, requests/s).
+    learned: Vec<(f64, f64)>,
+}
+
+type Area<'a> =
+    plotters::drawing::DrawingArea<plotters::backend::SVGBackend<'a>, plotters::coord::Shift>;
+
+/// Draws `panel` on `area`, `bins` seconds wide, the y axis up to `top`.
+fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, bins: usize, top: f64) -> Result<(), BoxError> {
     use plotters::prelude::*;
-    let bins = secs.ceil().max(1.0) as usize;
-    let per_second = |ts: &[f64]| {
-        let mut v = vec![0u32; bins];
-        for &t in ts {
-            v[(t as usize).min(bins - 1)] += 1;
-        }
-        v
-    };
-    let ok = per_second(&r.ok_at);
-    let limited = per_second(&r.limited_at);
-    let top = ok.iter().chain(limited.iter()).copied().max().unwrap_or(1) as f64 * 1.1;
-    let top = top.max(rate.unwrap_or(0.0) * 1.2).max(1.0);
-    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("requests per second", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(35)
+    let ok = per_second(panel.ok_at, bins);
+    let limited = per_second(panel.limited_at, bins);
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
         .y_label_area_size(45)
         .build_cartesian_2d(0f64..bins as f64, 0f64..top)?;
     chart
@@ -513,39 +547,137 @@ fn plot(path: &std::path::Path, r: &Record, rate: Option<f64>, secs: f64) -> Res
         .x_desc("seconds")
         .y_desc("requests/s")
         .draw()?;
+    let at = |v: &[u32]| -> Vec<(f64, f64)> {
+        v.iter()
+            .enumerate()
+            .map(|(i, n)| (i as f64 + 0.5, f64::from(*n)))
+            .collect()
+    };
     chart
-        .draw_series(LineSeries::new(
-            ok.iter()
-                .enumerate()
-                .map(|(i, n)| (i as f64 + 0.5, f64::from(*n))),
-            BLUE.stroke_width(3),
-        ))?
+        .draw_series(LineSeries::new(at(&ok), BLUE.stroke_width(3)))?
         .label("succeeded")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(3)));
     chart
-        .draw_series(
-            limited
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .map(|(i, n)| Cross::new((i as f64 + 0.5, f64::from(*n)), 5, RED.stroke_width(2))),
-        )?
+        .draw_series(LineSeries::new(at(&limited), RED.stroke_width(2)))?
         .label("429s")
-        .legend(|(x, y)| Cross::new((x + 10, y), 5, RED.stroke_width(2)));
-    if let Some(rate) = rate {
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    if let Some(rate) = panel.rate {
+        let orange = RGBColor(255, 140, 0);
         chart
             .draw_series(LineSeries::new(
                 vec![(0.0, rate), (bins as f64, rate)],
-                RGBColor(255, 140, 0).stroke_width(1),
+                orange.stroke_width(1),
             ))?
             .label("the server's limit")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(255, 140, 0)));
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange));
+    }
+    if !panel.learned.is_empty() {
+        let green = RGBColor(0, 150, 70);
+        chart
+            .draw_series(LineSeries::new(
+                panel.learned.iter().copied(),
+                green.stroke_width(2),
+            ))?
+            .label("the budget's limit")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
+    Ok(())
+}
+
+/// The y axis' top for these panels: the highest count, or the limit, with room above.
+fn top_of(panels: &[Panel<'_>], bins: usize) -> f64 {
+    let mut top = 1.0f64;
+    for p in panels {
+        for v in [per_second(p.ok_at, bins), per_second(p.limited_at, bins)] {
+            top = top.max(f64::from(v.into_iter().max().unwrap_or(0)) * 1.1);
+        }
+        top = top.max(p.rate.unwrap_or(0.0) * 1.2);
+        top = top.max(p.learned.iter().map(|l| l.1).fold(0.0, f64::max) * 1.1);
+    }
+    top
+}
+
+/// A single run: requests per second (successes, 429s, the server's limit, the budget's limit)
+/// above, the queue depth below.
+fn plot(path: &std::path::Path, r: &Record, rate: Option<f64>, secs: f64) -> Result<(), BoxError> {
+    use plotters::prelude::*;
+    let bins = secs.ceil().max(1.0) as usize;
+    let panel = Panel {
+        title: "requests per second",
+        ok_at: &r.ok_at,
+        limited_at: &r.limited_at,
+        rate,
+        learned: r
+            .samples
+            .iter()
+            .filter_map(|(t, _, l)| l.map(|l| (*t, l)))
+            .collect(),
+    };
+    let top = top_of(std::slice::from_ref(&panel), bins);
+    let root = SVGBackend::new(path, (900, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(450);
+    draw_panel(&upper, &panel, bins, top)?;
+    let depth = r.samples.iter().map(|s| s.1).max().unwrap_or(0).max(1) as f64 * 1.1;
+    let mut chart = ChartBuilder::on(&lower)
+        .caption("requests queued in the layers", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..bins as f64, 0f64..depth)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("queued")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        r.samples.iter().map(|(t, q, _)| (*t, *q as f64)),
+        BLACK.stroke_width(2),
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Every strategy of a `--compare` run, one panel each, on one time scale and one y scale.
+fn plot_compare(
+    path: &std::path::Path,
+    runs: &[(&str, Vec<f64>, Vec<f64>)],
+    rate: f64,
+) -> Result<(), BoxError> {
+    use plotters::prelude::*;
+    let secs = runs
+        .iter()
+        .flat_map(|(_, ok, limited)| ok.iter().chain(limited))
+        .fold(1.0f64, |a, &b| a.max(b));
+    let bins = secs.ceil() as usize;
+    let panels: Vec<Panel<'_>> = runs
+        .iter()
+        .map(|(name, ok, limited)| Panel {
+            title: name,
+            ok_at: ok,
+            limited_at: limited,
+            rate: Some(rate),
+            learned: Vec::new(),
+        })
+        .collect();
+    let top = top_of(&panels, bins);
+    let root = SVGBackend::new(path, (900, 260 * panels.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    for (area, panel) in root
+        .split_evenly((panels.len().max(1), 1))
+        .iter()
+        .zip(&panels)
+    {
+        draw_panel(area, panel, bins, top)?;
+    }
     root.present()?;
     Ok(())
 }
@@ -571,6 +703,13 @@ async fn compare(args: &Args, key: &str) -> Result<(), BoxError> {
         Strategy::QuotaConfigured,
     ];
     let mut cells = Vec::new();
+    // Per strategy, from the simulator's audit: when it answered 200s and 429s.
+    let mut runs: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
+    if args.plot.is_some() && args.base_url.is_some() {
+        return Err(
+            "--compare --plot draws from the simulator's audit: not with --base-url".into(),
+        );
+    }
     for s in strategies {
         eprintln!("running {} ...", s.name());
         let cell = match &args.base_url {
@@ -589,7 +728,7 @@ async fn compare(args: &Args, key: &str) -> Result<(), BoxError> {
             None => {
                 let sim = scenario.simulator(1);
                 let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse()?).await?;
-                let target = Target::Http(server.base_url(), Some(sim));
+                let target = Target::Http(server.base_url(), Some(sim.clone()));
                 let cell = run(
                     &scenario,
                     s,
@@ -600,12 +739,26 @@ async fn compare(args: &Args, key: &str) -> Result<(), BoxError> {
                 )
                 .await;
                 server.shutdown().await;
+                let (mut ok, mut limited) = (Vec::new(), Vec::new());
+                for a in sim.audit() {
+                    match a.outcome {
+                        AuditOutcome::Ok => ok.push(a.arrival.as_secs_f64()),
+                        AuditOutcome::RateLimited => limited.push(a.arrival.as_secs_f64()),
+                        _ => {}
+                    }
+                }
+                runs.push((s.name(), ok, limited));
                 cell
             }
         };
         cells.push(cell);
     }
     println!("\n{}", table(&cells));
+    if let Some(path) = &args.plot {
+        let rate = limits.rpm.unwrap_or(0) as f64 / 60.0;
+        plot_compare(path, &runs, rate)?;
+        println!("plot: {}", path.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string(&cells)?);
     }
