@@ -1,6 +1,15 @@
 //! The context's classifier as a tower-http classifier, so tower-http's `TraceLayer` (and any
 //! middleware built on `tower_http::classify`) logs the judgement the layers act on.
 //!
+//! The token budget also opens one `tracing` span per request, `gen_ai.request` (target
+//! `tower_quota::gen_ai`), with OpenTelemetry's GenAI attributes: `gen_ai.operation.name`,
+//! `gen_ai.request.model` (read from the body only when a subscriber wants the span),
+//! `gen_ai.request.max_tokens`, and `gen_ai.usage.input_tokens` / `gen_ai.usage.output_tokens`
+//! recorded when the response's usage settles the reservation (left empty when the server did no
+//! work), plus `tower_quota.partition` (the key's fingerprint). The inner service is called and
+//! polled inside it, so a client's own spans nest under it. With no subscriber it costs one
+//! disabled-span check.
+//!
 //! # Why
 //!
 //! tower-http's own classifiers call every 5xx a failure and every 4xx a success: a 429 the

@@ -50,6 +50,8 @@ pin_project! {
         probe: bool,
         probe_until: Instant,
         not_sent: Option<NotSent>,
+        // The request's GenAI span (disabled unless a subscriber wants it).
+        span: tracing::Span,
         #[pin]
         state: State<S::Future, Request<B>>,
     }
@@ -112,6 +114,7 @@ where
         partition: PartitionKey,
         cost: Cost,
         over: Option<ContextWindowError>,
+        span: tracing::Span,
     ) -> Self {
         let own = shared.queue(partition);
         let phase = match over {
@@ -152,6 +155,7 @@ where
             // The arrival until admission (the wait it measures), then a probe's deadline.
             probe_until: Instant::now(),
             not_sent: None,
+            span,
             state: State::Holding { req: Some(req) },
         }
     }
@@ -191,7 +195,11 @@ where
             let req = match this.state.as_mut().project() {
                 StateProj::Holding { req } => req,
                 StateProj::Calling { fut } => {
-                    let result = match fut.poll(cx) {
+                    let polled = {
+                        let _entered = this.span.enter();
+                        fut.poll(cx)
+                    };
+                    let result = match polled {
                         Poll::Ready(r) => r.map_err(Into::into),
                         Poll::Pending => {
                             if *this.probe {
@@ -310,6 +318,7 @@ where
                                 *this.cost,
                                 charged,
                                 this.own.clone(),
+                                this.span.clone(),
                             );
                             if let Some(req) = req.as_mut() {
                                 crate::wire::mark(req.extensions_mut(), handle.wire_mark());
@@ -370,7 +379,10 @@ where
                     if let Some(n) = this.not_sent.as_mut() {
                         n.handed_on();
                     }
-                    let fut = this.svc.call(req);
+                    let fut = {
+                        let _entered = this.span.enter();
+                        this.svc.call(req)
+                    };
                     this.state.set(State::Calling { fut });
                 }
             }

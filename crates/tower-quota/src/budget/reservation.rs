@@ -39,6 +39,8 @@ struct Ledger {
     own: Arc<Queue>,
     /// When it was admitted.
     admitted: tokio::time::Instant,
+    /// The request's GenAI span: the usage is recorded on it when it settles.
+    span: tracing::Span,
     /// When a layer inside last handed it on, in nanoseconds after `admitted` (0: never).
     sent_after: AtomicU64,
 }
@@ -85,6 +87,7 @@ impl ReservationHandle {
         estimate: Cost,
         charged: Charged,
         own: Arc<Queue>,
+        span: tracing::Span,
     ) -> Self {
         // Granted and not handed on yet: held until the layers inside hand it on.
         own.held.fetch_add(1, Ordering::SeqCst);
@@ -98,6 +101,7 @@ impl ReservationHandle {
             own,
             admitted: tokio::time::Instant::now(),
             sent_after: AtomicU64::new(0),
+            span,
         }))
     }
 
@@ -152,6 +156,12 @@ impl ReservationHandle {
             *s = Some(actual);
         }
         self.0.own.metrics.settled(actual);
+        if actual.requests > 0 {
+            // Refunds leave the usage unset: the server did no work.
+            let span = &self.0.span;
+            span.record("gen_ai.usage.input_tokens", actual.input_tokens);
+            span.record("gen_ai.usage.output_tokens", actual.output_tokens);
+        }
         let delta = Delta {
             only: self.0.charged,
             ..Delta::between(self.0.estimate, actual)

@@ -1,6 +1,7 @@
 use super::body::BudgetBody;
 use super::future::ResponseFuture;
 use super::layer::Shared;
+use super::window::model_of;
 use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
 use crate::body::InMemoryBody;
@@ -73,6 +74,24 @@ where
             )
             .err()
         });
+        // One span per request with OpenTelemetry's GenAI attributes; the body is read for the
+        // model only when a subscriber wants the span.
+        let span = tracing::info_span!(
+            target: "tower_quota::gen_ai",
+            "gen_ai.request",
+            gen_ai.operation.name = "chat",
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.request.max_tokens = cost.output_tokens,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            tower_quota.partition = %partition,
+            tower_quota.estimated_input_tokens = cost.input_tokens,
+        );
+        if !span.is_disabled() {
+            if let Some(model) = req.body().body_bytes().as_deref().and_then(model_of) {
+                span.record("gen_ai.request.model", model.as_str());
+            }
+        }
         ResponseFuture::new(
             self.inner.clone(),
             req,
@@ -80,6 +99,7 @@ where
             partition,
             cost,
             over,
+            span,
         )
     }
 }

@@ -120,7 +120,7 @@ impl ContextWindows {
 }
 
 /// The `model` of a Messages body, if it has one.
-fn model_of(body: &[u8]) -> Option<String> {
+pub(crate) fn model_of(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Model<'a> {
         #[serde(borrow)]
