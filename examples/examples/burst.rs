@@ -141,6 +141,8 @@ struct Record {
     waits: Vec<Duration>,
     /// Per attempt: send to response headers.
     round_trips: Vec<Duration>,
+    /// Per attempt whose body was read to its end: send to the body's end.
+    to_body_end: Vec<Duration>,
     failed: usize,
     /// Failures by cause.
     causes: std::collections::BTreeMap<String, usize>,
@@ -206,6 +208,11 @@ async fn main() -> Result<(), BoxError> {
             let t0 = Instant::now();
             let res = attempt.await?;
             let rtt = t0.elapsed();
+            let res = res.map(|b| TimedBody {
+                inner: b,
+                t0,
+                record: Some(seen.clone()),
+            });
             if let Some(total) = total {
                 total.0.fetch_add(rtt.as_nanos() as u64, Ordering::Relaxed);
             }
@@ -214,6 +221,7 @@ async fn main() -> Result<(), BoxError> {
             if res.status() == 429 {
                 r.limited_at.push(start.elapsed().as_secs_f64());
             }
+            drop(r);
             Ok::<_, hyper_util::client::legacy::Error>(res)
         }
     });
@@ -314,7 +322,12 @@ async fn main() -> Result<(), BoxError> {
     let succeeded = r.ok_at.len();
     let retries = preset.retry.handle().retries();
     // Each sorted once; `pct` reads a sorted slice.
-    for d in [&mut r.latencies, &mut r.waits, &mut r.round_trips] {
+    for d in [
+        &mut r.latencies,
+        &mut r.waits,
+        &mut r.round_trips,
+        &mut r.to_body_end,
+    ] {
         d.sort_unstable();
     }
     let pct = |sorted: &[Duration], p: f64| {
@@ -322,7 +335,7 @@ async fn main() -> Result<(), BoxError> {
             .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
             .map_or(0.0, |d| d.as_secs_f64())
     };
-    let (lat, waits, trips) = (&r.latencies, &r.waits, &r.round_trips);
+    let (lat, waits, trips, to_end) = (&r.latencies, &r.waits, &r.round_trips, &r.to_body_end);
     // The binding limit: the simulator's requests bucket, or the one the budget learned.
     let limit = if local {
         let l = demo_limits();
@@ -387,6 +400,11 @@ async fn main() -> Result<(), BoxError> {
         pct(trips, 0.5),
         pct(trips, 0.99)
     );
+    println!(
+        "  to body end p50 {:.3} s, p99 {:.3} s (per attempt read to its end, send to last byte)",
+        pct(to_end, 0.5),
+        pct(to_end, 0.99)
+    );
     if let Some(sim) = &sim {
         let s = sim.summary();
         println!(
@@ -415,6 +433,8 @@ async fn main() -> Result<(), BoxError> {
                 "waiting_p99_s": pct(waits, 0.99),
                 "round_trip_p50_s": pct(trips, 0.5),
                 "round_trip_p99_s": pct(trips, 0.99),
+                "body_end_p50_s": pct(to_end, 0.5),
+                "body_end_p99_s": pct(to_end, 0.99),
             })
         );
     }
@@ -428,6 +448,40 @@ async fn main() -> Result<(), BoxError> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// A response body that records, when it ends, the time from its attempt's send to its last byte.
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    t0: Instant,
+    record: Option<Arc<Mutex<Record>>>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() {
+            if let Some(record) = self.record.take() {
+                let elapsed = self.t0.elapsed();
+                record.lock().unwrap().to_body_end.push(elapsed);
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The live display: a progress bar on a terminal, a plain line a second elsewhere.
