@@ -98,14 +98,54 @@ pub(crate) fn stop_reason(output_tokens: u64, max_tokens: u64) -> &'static str {
     }
 }
 
-/// A complete (non-streaming) message.
-pub(crate) fn message(id: &str, req: &MessagesRequest, input: u64, output: u64) -> Value {
+/// The items of a packed prompt (tower-quota's `pack` protocol): in the last user message's text,
+/// each `<item id="k">` line, the item's text, and a `</item>` line. `None` when there is none.
+pub(crate) fn packed_items(req: &MessagesRequest) -> Option<Vec<(String, String)>> {
+    let last = req.messages.last()?;
+    let text = match &last.content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => return None,
+    };
+    let mut items = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("<item id=\"") {
+        let after = &rest[start + 10..];
+        let close = after.find("\">\n")?;
+        let id = after[..close].to_owned();
+        let body = &after[close + 3..];
+        let end = body.find("\n</item>")?;
+        items.push((id, body[..end].to_owned()));
+        rest = &body[end + 8..];
+    }
+    (!items.is_empty()).then_some(items)
+}
+
+/// The simulator's answer to one packed item: deterministic, and naming the item's own text, so a
+/// client can check each prompt got its own answer.
+pub fn packed_answer(item: &str) -> String {
+    format!("Answer to: {item}")
+}
+
+/// A complete (non-streaming) message; `text` replaces the default filler when given.
+pub(crate) fn message(
+    id: &str,
+    req: &MessagesRequest,
+    input: u64,
+    output: u64,
+    text: Option<&str>,
+) -> Value {
+    let text = text.map_or_else(|| answer_text(output), str::to_owned);
     json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": req.model,
-        "content": [{"type": "text", "text": answer_text(output)}],
+        "content": [{"type": "text", "text": text}],
         "stop_reason": stop_reason(output, req.max_tokens),
         "stop_sequence": null,
         "usage": {"input_tokens": input, "output_tokens": output},

@@ -94,6 +94,19 @@ pub struct Faults {
     pub garbage_headers: bool,
 }
 
+/// How the simulator mangles the answers of a packed prompt (tower-quota's `pack` protocol:
+/// `<item id="k">` in, `<answer id="k">` out), each drawn per answer. A packed reply longer than
+/// the request's `max_tokens` is cut there (`stop_reason` `max_tokens`), as the model would be.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PackFaults {
+    /// Leave the answer out.
+    pub drop: f64,
+    /// Give the answer twice (the second time with other text).
+    pub duplicate: f64,
+    /// Break the answer's tags (`<answer id="k?">` and no closing tag).
+    pub garble: f64,
+}
+
 /// Another client of every key: it takes its share of the key's buckets continuously from `from`
 /// until `until` (times since the simulator started), as a second application sharing the key
 /// would. It is limited too: each share is kept below its limit.
@@ -149,6 +162,8 @@ pub struct SimConfig {
     pub limit_changes: Vec<(Duration, Limits)>,
     /// Another client sharing every key.
     pub background: Option<Background>,
+    /// Faults in the answers to packed prompts.
+    pub pack_faults: PackFaults,
 }
 
 impl fmt::Debug for SimConfig {
@@ -202,6 +217,7 @@ impl SimConfig {
             seed: 0,
             limit_changes: Vec::new(),
             background: None,
+            pack_faults: PackFaults::default(),
         }
     }
 
@@ -233,6 +249,12 @@ impl SimConfig {
     /// Sets the header dialect.
     pub fn with_dialect(mut self, dialect: Dialect) -> Self {
         self.dialect = dialect;
+        self
+    }
+
+    /// Sets the faults in the answers to packed prompts.
+    pub fn with_pack_faults(mut self, faults: PackFaults) -> Self {
+        self.pack_faults = faults;
         self
     }
 

@@ -53,10 +53,10 @@ mod config;
 mod server;
 mod service;
 
-pub use api::{Message, MessagesRequest, input_tokens};
+pub use api::{Message, MessagesRequest, input_tokens, packed_answer};
 pub use audit::{AuditOutcome, AuditRecord, Counts, Summary};
 pub use body::{BodyError, SimBody};
-pub use config::{Background, Dialect, Faults, Limits, RetryAfterStyle, SimConfig};
+pub use config::{Background, Dialect, Faults, Limits, PackFaults, RetryAfterStyle, SimConfig};
 pub use server::{ServeOptions, ServerHandle, serve, serve_with};
 pub use service::Simulator;
 

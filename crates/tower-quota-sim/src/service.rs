@@ -193,6 +193,8 @@ struct Admitted {
     latency: Duration,
     reset: bool,
     stream_error: bool,
+    /// The reply's text when the prompt was packed (else the default filler).
+    text: Option<String>,
     in_flight: InFlight,
 }
 
@@ -576,8 +578,39 @@ impl Simulator {
         }
 
         // Admitted: the check was against max_tokens; the debit is the real output.
-        let output = ((req.max_tokens as f64 * cfg.output_fraction).round() as u64)
+        let mut output = ((req.max_tokens as f64 * cfg.output_fraction).round() as u64)
             .clamp(1, req.max_tokens.max(1));
+        // A packed prompt is answered by the protocol; its output is the answers' length.
+        let text = match api::packed_items(&req).filter(|_| !req.stream) {
+            None => None,
+            Some(items) => {
+                let pf = cfg.pack_faults;
+                let mut draw = |p: f64| p > 0.0 && st.rng.random::<f64>() < p;
+                let mut text = String::new();
+                for (id, item) in &items {
+                    if draw(pf.drop) {
+                        continue;
+                    }
+                    let answer = api::packed_answer(item);
+                    if draw(pf.garble) {
+                        text.push_str(&format!("<answer id=\"{id}?\">\n{answer}\n\n"));
+                        continue;
+                    }
+                    text.push_str(&format!("<answer id=\"{id}\">\n{answer}\n</answer>\n"));
+                    if draw(pf.duplicate) {
+                        let again = format!("<answer id=\"{id}\">\nAgain: {answer}\n</answer>\n");
+                        text.push_str(&again);
+                    }
+                }
+                let tokens = (text.chars().count() as u64).div_ceil(4).max(1);
+                if tokens > req.max_tokens {
+                    // Cut at max_tokens, as the model would stop.
+                    text = text.chars().take((req.max_tokens * 4) as usize).collect();
+                }
+                output = tokens.min(req.max_tokens.max(1));
+                Some(text)
+            }
+        };
         for (bucket, amount) in [
             (ks.rpm.as_mut(), 1),
             (ks.itpm.as_mut(), input),
@@ -617,6 +650,7 @@ impl Simulator {
             latency,
             reset,
             stream_error,
+            text,
             in_flight: InFlight(self.shared.in_flight.clone()),
         }))
     }
@@ -707,7 +741,7 @@ impl Simulator {
                         "simulated connection reset",
                     )));
                 }
-                let msg = api::message(&a.id, &a.req, a.input, a.output);
+                let msg = api::message(&a.id, &a.req, a.input, a.output, a.text.as_deref());
                 let res = self.json(StatusCode::OK, &msg, a.headers);
                 // A whole body is in memory: the server's work is done.
                 drop(a.in_flight);

@@ -120,6 +120,7 @@ pub mod context;
 pub mod error;
 pub mod hint;
 pub mod metrics;
+pub mod pack;
 pub mod partition;
 pub mod retry;
 pub mod retry_after;
