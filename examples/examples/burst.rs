@@ -240,16 +240,8 @@ async fn main() -> Result<(), BoxError> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 progress.update(&preset, partition, &record, start);
                 let queued = preset.budget.handle().queued() + preset.concurrency.handle().queued();
-                let learned = preset
-                    .budget
-                    .handle()
-                    .snapshot(partition)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|s| s.bucket(Bucket::Requests))
-                    .map(|(_, cap)| cap as f64 / 60.0);
-                let rate = configured.or(learned);
+                let learned = requests_capacity(&preset, partition).await;
+                let rate = configured.or(learned.map(|cap| cap / 60.0));
                 let t = start.elapsed().as_secs_f64();
                 record.lock().unwrap().samples.push((t, queued, rate));
             }
@@ -344,15 +336,9 @@ async fn main() -> Result<(), BoxError> {
             l.rpm.unwrap_or(0) as f64 / 60.0,
         ))
     } else {
-        preset
-            .budget
-            .handle()
-            .snapshot(partition)
+        requests_capacity(&preset, partition)
             .await
-            .ok()
-            .flatten()
-            .and_then(|s| s.bucket(Bucket::Requests))
-            .map(|(_, cap)| (cap as f64, cap as f64 / 60.0))
+            .map(|cap| (cap, cap / 60.0))
     };
     let secs = elapsed.as_secs_f64();
     println!();
@@ -448,6 +434,13 @@ async fn main() -> Result<(), BoxError> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The capacity of the budget's requests bucket for `partition`, once it has one (a learned
+/// bucket holds a minute's worth: its capacity is the per-minute rate).
+async fn requests_capacity(preset: &Preset, partition: PartitionKey) -> Option<f64> {
+    let snapshot = preset.budget.handle().snapshot(partition).await.ok()??;
+    snapshot.bucket(Bucket::Requests).map(|(_, cap)| cap as f64)
 }
 
 /// A response body that records, when it ends, the time from its attempt's send to its last byte.

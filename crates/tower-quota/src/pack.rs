@@ -44,6 +44,9 @@
 //!   instead of a response reaches each as a [`PackError`]. A caller that drops its future before
 //!   the pack leaves is left out of it.
 //!
+//! Packs are sent from tasks of their own (a pack answers callers that may be gone), so the layer
+//! needs a tokio runtime, as tower's `Buffer` does.
+//!
 //! Request bodies must be in memory and buildable from bytes (`B: InMemoryBody + From<Bytes>`:
 //! `Full<Bytes>`, `Bytes`, `Vec<u8>`); the response body is [`PackBody`]: the inner body for a
 //! request that was not packed, the split answer's bytes for one that was.
@@ -357,23 +360,49 @@ impl<S: fmt::Debug> fmt::Debug for Pack<S> {
     }
 }
 
+/// What [`Pack`] needs of its inner service, in one place: a clonable service of `Request<B>`
+/// whose futures and response bodies can move to the tasks that send the packs. Implemented for
+/// every such service.
+pub trait PackInner<B>:
+    Service<
+        Request<B>,
+        Response = Response<Self::ResB>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The response body.
+    type ResB: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B, R> PackInner<B> for S
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    R: http_body::Body + Send + 'static,
+    R::Data: Send,
+    R::Error: Into<BoxError>,
+{
+    type ResB = R;
+}
+
+/// What [`Pack`] needs of a request body: in memory (to read the prompt and re-send it alone) and
+/// buildable from bytes (to make the packed call). Implemented for every such body.
+pub trait PackRequestBody: InMemoryBody + From<Bytes> + Send + 'static {}
+
+impl<B: InMemoryBody + From<Bytes> + Send + 'static> PackRequestBody for B {}
+
 /// The future of [`Pack`].
 pub type PackFuture<ResB> =
     Pin<Box<dyn Future<Output = Result<Response<PackBody<ResB>>, BoxError>> + Send>>;
 
-impl<S, B, ResB> Service<Request<B>> for Pack<S>
-where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: InMemoryBody + From<Bytes> + Send + 'static,
-    ResB: http_body::Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Into<BoxError>,
-{
-    type Response = Response<PackBody<ResB>>;
+impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Pack<S> {
+    type Response = Response<PackBody<S::ResB>>;
     type Error = BoxError;
-    type Future = PackFuture<ResB>;
+    type Future = PackFuture<S::ResB>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // Always ready: each request readies its own clone of the inner service.
@@ -514,21 +543,13 @@ impl Shared {
     }
 
     /// Adds a prompt to its pack; sends the pack when full, starts its window when new.
-    fn add<S, B, ResB>(
+    fn add<S: PackInner<B>, B: PackRequestBody>(
         self: Arc<Self>,
         inner: S,
         p: Prompt,
         parts: http::request::Parts,
         tx: oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>,
-    ) where
-        S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: InMemoryBody + From<Bytes> + Send + 'static,
-        ResB: http_body::Body + Send + 'static,
-        ResB::Data: Send,
-        ResB::Error: Into<BoxError>,
-    {
+    ) {
         let c = &self.config;
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         let full = groups.get(&p.key).is_some_and(|g| {
@@ -586,16 +607,7 @@ impl Shared {
 }
 
 /// Sends a pack and answers its callers.
-async fn flush<S, B, ResB>(inner: S, shared: Arc<Shared>, group: Group)
-where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: InMemoryBody + From<Bytes> + Send + 'static,
-    ResB: http_body::Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Into<BoxError>,
-{
+async fn flush<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Shared>, group: Group) {
     // A caller that gave up before the pack left is left out of it.
     let items: Vec<Item> = group
         .items
@@ -720,16 +732,7 @@ where
 }
 
 /// Re-sends each item alone, at once.
-async fn resend<S, B, ResB>(inner: S, shared: &Shared, items: Vec<Item>)
-where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: InMemoryBody + From<Bytes> + Send + 'static,
-    ResB: http_body::Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Into<BoxError>,
-{
+async fn resend<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: &Shared, items: Vec<Item>) {
     shared
         .stats
         .resent_alone
@@ -742,15 +745,7 @@ where
 }
 
 /// Sends one item as it came and answers its caller with the response read whole.
-async fn alone<S, B, ResB>(inner: S, item: Item)
-where
-    S: Service<Request<B>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: From<Bytes>,
-    ResB: http_body::Body + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
+async fn alone<S: PackInner<B>, B: PackRequestBody>(inner: S, item: Item) {
     let req = Request::from_parts(item.parts, B::from(item.bytes));
     let answer = async {
         let res = inner.oneshot(req).await.map_err(Into::into)?;
