@@ -90,3 +90,64 @@ async fn the_servers_input_plus_max_tokens_refusal_reads_as_the_same_error() {
     assert_eq!((err.max_tokens(), err.window()), (Some(800), 1_000));
     assert!(err.input_tokens() <= 1_000);
 }
+
+/// With a counter, only a request whose estimate lands near its window is counted exactly
+/// (`count_tokens`), and the count decides: a request just under the window is sent (with the
+/// count reserved as its input), one just over is refused with the exact figure and never sent;
+/// requests far from the window on either side are never counted.
+#[tokio::test(start_paused = true)]
+async fn count_tokens_decides_near_the_window_and_only_there() {
+    use tower_quota::budget::ReservationHandle;
+    use tower_quota::budget::window::CountTokens;
+    let sim = Simulator::new(SimConfig::new(tower_quota_sim::Limits::unlimited()));
+    let windows = ContextWindows::new(200_000)
+        .model("claude-sim", 2_000)
+        .count_tokens(CountTokens::via(sim.clone()));
+    let layer = TokenBudgetLayer::new(Limits::new().rpm(100)).context_windows(windows);
+    let svc = ServiceBuilder::new().layer(layer).service(sim.clone());
+    let exact = |bytes: usize, max_tokens: u64| {
+        tower_quota_sim::input_tokens(&MessagesRequest::user(
+            "claude-sim",
+            "x".repeat(bytes),
+            max_tokens,
+        ))
+    };
+
+    // Far under: no count.
+    let res = svc.clone().oneshot(request(400, 100)).await.unwrap();
+    assert!(res.status().is_success());
+    assert_eq!(sim.count_tokens_calls(), 0);
+
+    // Just under (the exact total 1 990 of 2 000): counted, then sent with the count reserved.
+    let bytes = 4_000;
+    let under = 1_990 - exact(bytes, 0);
+    let res = svc.clone().oneshot(request(bytes, under)).await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(sim.count_tokens_calls(), 1);
+    let reserved = res
+        .extensions()
+        .get::<ReservationHandle>()
+        .unwrap()
+        .estimate();
+    assert_eq!(reserved.input_tokens, exact(bytes, 0));
+
+    // Just over (2 010): counted, refused with the exact figure, never sent.
+    let sent = sim.summary().total.requests;
+    let over = 2_010 - exact(bytes, 0);
+    let err = svc.clone().oneshot(request(bytes, over)).await.unwrap_err();
+    let err = err.downcast_ref::<ContextWindowError>().expect("typed");
+    assert!(err.is_counted() && !err.is_from_server());
+    assert_eq!(err.input_tokens(), exact(bytes, 0));
+    assert_eq!(sim.count_tokens_calls(), 2);
+
+    // Far over: refused on the estimate alone, not counted.
+    let err = svc.clone().oneshot(request(40_000, 100)).await.unwrap_err();
+    assert!(
+        !err.downcast_ref::<ContextWindowError>()
+            .unwrap()
+            .is_counted()
+    );
+    assert_eq!(sim.count_tokens_calls(), 2);
+    // Neither refusal reached the Messages endpoint (count_tokens calls are not in the audit).
+    assert_eq!(sim.summary().total.requests, sent);
+}

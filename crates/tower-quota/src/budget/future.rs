@@ -7,7 +7,7 @@ use super::error::BudgetError;
 use super::layer::{BLIND_HELD, BLIND_POLL, Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle};
 use super::store::{Admission, StoreFuture};
-use super::window::ContextWindowError;
+use super::window::{ContextWindowError, CountFuture, Verdict};
 use crate::BoxError;
 use crate::metrics::Refusal;
 use crate::partition::PartitionKey;
@@ -87,7 +87,6 @@ pin_project! {
 }
 
 /// Where a request holding in the budget is.
-#[derive(Debug)]
 enum Phase {
     /// Before its partition's FIFO turn. `fast`: it may first try to reserve without the turn.
     Turn { fast: bool },
@@ -101,6 +100,8 @@ enum Phase {
     Refused(usize),
     /// Refused at once: too long for its model's context window.
     OverWindow(Box<ContextWindowError>),
+    /// Near its model's context window: an exact count decides, before it joins the queue.
+    Counting(CountFuture),
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -113,29 +114,15 @@ where
         shared: Arc<Shared>,
         partition: PartitionKey,
         cost: Cost,
-        over: Option<ContextWindowError>,
+        verdict: Verdict,
         span: tracing::Span,
     ) -> Self {
         let own = shared.queue(partition);
-        let phase = match over {
-            // Refused before it joins the queue's counts.
-            Some(e) => Phase::OverWindow(Box::new(e)),
-            None => {
-                let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
-                if waiting >= shared.max_queue {
-                    own.waiting.fetch_sub(1, Ordering::SeqCst);
-                    own.metrics.refused(Refusal::QueueFull);
-                    Phase::Refused(waiting)
-                } else {
-                    shared.queued.fetch_add(1, Ordering::SeqCst);
-                    own.metrics.waiting.increment(1.0);
-                    // With no global cap and no probe due, a request may first try the store
-                    // without taking the turn: when nobody holds or waits for the turn, nobody
-                    // is ahead of it.
-                    let fast = shared.global_turn.is_none() && !shared.probe_due(&own);
-                    Phase::Turn { fast }
-                }
-            }
+        let phase = match verdict {
+            // Refused, or counted, before it joins the queue's counts.
+            Verdict::Over(e) => Phase::OverWindow(Box::new(e)),
+            Verdict::Count(count) => Phase::Counting(count),
+            Verdict::Fits => join(&shared, &own),
         };
         let queued = matches!(phase, Phase::Turn { .. });
         Self {
@@ -161,6 +148,23 @@ where
     }
 }
 
+/// A request joins its partition's queue: counted as waiting, or refused when `max_queue`
+/// already wait.
+fn join(shared: &Shared, own: &Queue) -> Phase {
+    let waiting = own.waiting.fetch_add(1, Ordering::SeqCst);
+    if waiting >= shared.max_queue {
+        own.waiting.fetch_sub(1, Ordering::SeqCst);
+        own.metrics.refused(Refusal::QueueFull);
+        return Phase::Refused(waiting);
+    }
+    shared.queued.fetch_add(1, Ordering::SeqCst);
+    own.metrics.waiting.increment(1.0);
+    // With no global cap and no probe due, a request may first try the store without taking the
+    // turn: when nobody holds or waits for the turn, nobody is ahead of it.
+    let fast = shared.global_turn.is_none() && !shared.probe_due(own);
+    Phase::Turn { fast }
+}
+
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
@@ -173,6 +177,7 @@ where
             (_, Phase::Waiting(_)) => "waiting",
             (_, Phase::Ready) => "ready",
             (_, Phase::Refused(_) | Phase::OverWindow(_)) => "refused",
+            (_, Phase::Counting(_)) => "counting",
         };
         f.debug_struct("ResponseFuture")
             .field("partition", &self.partition)
@@ -240,6 +245,21 @@ where
                     };
                     return Poll::Ready(Err(e));
                 }
+                Phase::Counting(ref mut count) => match ready!(count.as_mut().poll(cx)) {
+                    Err(e) => {
+                        this.own.metrics.refused(Refusal::ContextWindow);
+                        *this.phase = Phase::Refused(0);
+                        return Poll::Ready(Err(Box::new(e)));
+                    }
+                    Ok(exact) => {
+                        if let Some(n) = exact {
+                            // The count is better than the estimate: reserve it.
+                            this.cost.input_tokens = n;
+                        }
+                        *this.phase = join(this.shared, this.own);
+                        *this.queued = matches!(this.phase, Phase::Turn { .. });
+                    }
+                },
                 Phase::Turn { fast } => {
                     if fast && this.own.queue.available_permits() > 0 {
                         *this.phase = Phase::Reserve;

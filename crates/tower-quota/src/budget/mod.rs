@@ -122,7 +122,7 @@ pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;
 pub use store::{BudgetStore, MemoryStore, Snapshot, StoreError};
-pub use window::{ContextWindowError, ContextWindows};
+pub use window::{ContextWindowError, ContextWindows, CountTokens};
 
 pub use crate::signals::Bucket;
 

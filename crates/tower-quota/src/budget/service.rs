@@ -1,7 +1,7 @@
 use super::body::BudgetBody;
 use super::future::ResponseFuture;
 use super::layer::Shared;
-use super::window::model_of;
+use super::window::{Verdict, model_of};
 use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
 use crate::body::InMemoryBody;
@@ -65,15 +65,16 @@ where
                     .estimate(req.headers(), req.extensions(), body.as_deref())
             }
         };
-        let over = shared.windows.as_ref().and_then(|w| {
-            w.check(
+        let verdict = match shared.windows.as_ref() {
+            None => Verdict::Fits,
+            Some(w) => w.judge(
                 req.headers(),
+                req.uri(),
                 || req.body().body_bytes(),
                 cost.input_tokens,
                 cost.output_tokens,
-            )
-            .err()
-        });
+            ),
+        };
         // One span per request with OpenTelemetry's GenAI attributes; the body is read for the
         // model only when a subscriber wants the span.
         let span = tracing::info_span!(
@@ -98,7 +99,7 @@ where
             shared.clone(),
             partition,
             cost,
-            over,
+            verdict,
             span,
         )
     }

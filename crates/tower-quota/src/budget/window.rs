@@ -20,15 +20,29 @@
 //! estimate (about four bytes a token): set a window somewhat under the real one to keep a
 //! margin, or above it to leave the borderline cases to the server.
 //!
+//! Near the window the estimate can be wrong either way. Given a [`CountTokens`]
+//! ([`ContextWindows::count_tokens`]), a request whose estimate lands within a margin of its
+//! window (10 % by default, on either side) is counted exactly by `POST
+//! /v1/messages/count_tokens` (free, with a rate limit of its own, not the Messages buckets)
+//! before it joins the budget's queue: the count decides, and becomes the request's input
+//! estimate. Requests far from the window are never counted; a count that fails (its own 429, a
+//! network error) leaves the decision to the estimate.
+//!
 //! The server's own refusals read as the same error: [`ContextWindowError::from_error_body`]
 //! parses the 400's body ("prompt is too long: ...", or "input length and `max_tokens` exceed
 //! context limit: ..."), numbers included. The classifier already calls a 400 fatal, so it is
 //! never retried.
 
+use crate::BoxError;
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use tower::{Service, ServiceExt};
 
 /// The context windows of the models, in tokens. See the [module docs](self).
 #[derive(Clone, Debug)]
@@ -39,6 +53,8 @@ pub struct ContextWindows {
     models: HashMap<String, u64>,
     /// The smallest window of the table: a request within it needs no model lookup.
     smallest: u64,
+    /// The exact count near the window, if enabled.
+    counter: Option<CountTokens>,
 }
 
 impl Default for ContextWindows {
@@ -60,7 +76,15 @@ impl ContextWindows {
             long: Self::LONG_WINDOW,
             models: HashMap::new(),
             smallest: default,
+            counter: None,
         }
+    }
+
+    /// Counts a request exactly with `counter` when its estimate lands near its window (see the
+    /// [module docs](self)).
+    pub fn count_tokens(mut self, counter: CountTokens) -> Self {
+        self.counter = Some(counter);
+        self
     }
 
     /// The window of `model` (its exact name in the request body).
@@ -93,6 +117,7 @@ impl ContextWindows {
     /// Checks a request estimated at `input` tokens with `max_tokens`: `Err` when it cannot fit
     /// its model's window. `body` is asked for (and the model read from it) only when the request
     /// does not fit the smallest window.
+    #[cfg(test)]
     pub(crate) fn check(
         &self,
         headers: &HeaderMap,
@@ -100,23 +125,171 @@ impl ContextWindows {
         input: u64,
         max_tokens: u64,
     ) -> Result<(), ContextWindowError> {
+        match self.judge(headers, &Uri::default(), body, input, max_tokens) {
+            Verdict::Fits => Ok(()),
+            Verdict::Over(e) => Err(e),
+            Verdict::Count(_) => unreachable!("no counter in the unit tests"),
+        }
+    }
+
+    /// Judges a request estimated at `input` tokens with `max_tokens`: it fits, it does not, or
+    /// (with a counter, near its window) an exact count will say. `body` is asked for only when
+    /// the request does not fit the smallest window (less the counter's margin).
+    pub(crate) fn judge(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        body: impl FnOnce() -> Option<Bytes>,
+        input: u64,
+        max_tokens: u64,
+    ) -> Verdict {
         let needed = input.saturating_add(max_tokens);
-        if needed <= self.smallest {
-            return Ok(());
+        let margin = self.counter.as_ref().map_or(0.0, |c| c.margin);
+        let near = |window: u64| (window as f64 * (1.0 - margin)) as u64;
+        if needed <= near(self.smallest) {
+            return Verdict::Fits;
         }
-        let model = body().as_deref().and_then(model_of);
+        let body = body();
+        let model = body.as_deref().and_then(model_of);
         let window = self.window(model.as_deref(), headers);
-        if needed <= window {
-            return Ok(());
-        }
-        Err(ContextWindowError {
-            model,
+        let error = |input| ContextWindowError {
+            model: model.clone(),
             input,
             max_tokens: Some(max_tokens),
             window,
             from_server: false,
-        })
+            counted: false,
+        };
+        let far_over = (window as f64 * (1.0 + margin)) as u64;
+        match (&self.counter, body) {
+            (Some(counter), Some(body)) if needed > near(window) && needed <= far_over => {
+                let count = (counter.count)(headers.clone(), uri.clone(), body);
+                let guess = error(input);
+                Verdict::Count(Box::pin(async move {
+                    match count.await {
+                        Ok(exact) if exact.saturating_add(max_tokens) > window => {
+                            Err(ContextWindowError {
+                                input: exact,
+                                counted: true,
+                                ..guess
+                            })
+                        }
+                        Ok(exact) => Ok(Some(exact)),
+                        // The count failed: the estimate decides.
+                        Err(_) if needed > window => Err(guess),
+                        Err(_) => Ok(None),
+                    }
+                }))
+            }
+            _ if needed <= window => Verdict::Fits,
+            _ => Verdict::Over(error(input)),
+        }
     }
+}
+
+/// The window check's judgement of a request.
+pub(crate) enum Verdict {
+    Fits,
+    Over(ContextWindowError),
+    /// An exact count decides: `Ok(Some(n))` it fits with `n` input tokens (`None`: the count
+    /// failed and the estimate says it fits), `Err` it does not.
+    Count(CountFuture),
+}
+
+/// The future of a count near the window.
+pub(crate) type CountFuture =
+    Pin<Box<dyn Future<Output = Result<Option<u64>, ContextWindowError>> + Send>>;
+
+type Counter = Arc<
+    dyn Fn(HeaderMap, Uri, Bytes) -> Pin<Box<dyn Future<Output = Result<u64, BoxError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Exact counts from `POST /v1/messages/count_tokens`, for requests near their window (see the
+/// [module docs](self)).
+#[derive(Clone)]
+pub struct CountTokens {
+    count: Counter,
+    margin: f64,
+}
+
+impl fmt::Debug for CountTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountTokens")
+            .field("margin", &self.margin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CountTokens {
+    /// Counts through `service` (your HTTP client, not the quota stack: the endpoint has limits
+    /// of its own): a `POST` to the request's own scheme and host, path
+    /// `/v1/messages/count_tokens`, with the request's headers and its body's `model`,
+    /// `messages`, `system`, `tools`, `tool_choice` and `thinking`.
+    pub fn via<S, ResB>(service: S) -> Self
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        ResB: http_body::Body + Send + 'static,
+        ResB::Data: Send,
+        ResB::Error: Into<BoxError>,
+    {
+        let count: Counter = Arc::new(move |headers: HeaderMap, uri: Uri, body: Bytes| {
+            let service = service.clone();
+            Box::pin(async move {
+                let mut parts = uri.into_parts();
+                parts.path_and_query = Some("/v1/messages/count_tokens".parse()?);
+                let uri = Uri::from_parts(parts)?;
+                let mut req = Request::post(uri).body(Full::new(count_body(&body)?))?;
+                for (name, value) in &headers {
+                    if name != http::header::CONTENT_LENGTH {
+                        req.headers_mut().append(name, value.clone());
+                    }
+                }
+                let res = service.oneshot(req).await.map_err(Into::into)?;
+                if !res.status().is_success() {
+                    return Err(format!("count_tokens answered {}", res.status()).into());
+                }
+                let bytes = res
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(Into::into)?
+                    .to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                v["input_tokens"]
+                    .as_u64()
+                    .ok_or_else(|| "count_tokens: no input_tokens".into())
+            })
+        });
+        Self { count, margin: 0.1 }
+    }
+
+    /// How near the window an estimate must land to be counted, as a share of the window, on
+    /// either side (default 0.1).
+    pub fn margin(mut self, margin: f64) -> Self {
+        self.margin = margin.clamp(0.0, 1.0);
+        self
+    }
+}
+
+/// The body of a count: the request's fields the endpoint takes.
+fn count_body(body: &[u8]) -> Result<Bytes, BoxError> {
+    let serde_json::Value::Object(mut all) = serde_json::from_slice(body)? else {
+        return Err("count_tokens: the body is not a JSON object".into());
+    };
+    let keep = [
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+    ];
+    all.retain(|k, _| keep.contains(&k.as_str()));
+    Ok(serde_json::to_vec(&all)?.into())
 }
 
 /// The `model` of a Messages body, if it has one.
@@ -142,6 +315,7 @@ pub struct ContextWindowError {
     max_tokens: Option<u64>,
     window: u64,
     from_server: bool,
+    counted: bool,
 }
 
 impl ContextWindowError {
@@ -184,6 +358,7 @@ impl ContextWindowError {
             max_tokens,
             window,
             from_server: true,
+            counted: false,
         })
     }
 
@@ -211,6 +386,11 @@ impl ContextWindowError {
     pub fn is_from_server(&self) -> bool {
         self.from_server
     }
+
+    /// Whether the input tokens are an exact count (`count_tokens`), not an estimate.
+    pub fn is_counted(&self) -> bool {
+        self.counted || self.from_server
+    }
 }
 
 impl fmt::Display for ContextWindowError {
@@ -219,9 +399,11 @@ impl fmt::Display for ContextWindowError {
         match (self.from_server, self.max_tokens) {
             (false, Some(max)) => write!(
                 f,
-                "request of about {} input tokens plus max_tokens {max} exceeds the context \
+                "request of {}{} input tokens plus max_tokens {max} exceeds the context \
                  window of {} tokens of {model}",
-                self.input, self.window
+                if self.counted { "" } else { "about " },
+                self.input,
+                self.window
             ),
             _ => write!(
                 f,
