@@ -281,3 +281,54 @@ async fn a_caller_that_gives_up_before_the_pack_leaves_is_left_out() {
     assert_eq!(pack.handle().items_packed(), 2);
     assert_eq!(sim.summary().total.requests, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn duplicated_and_cut_off_answers_are_resent_alone_and_never_given_to_another_prompt() {
+    // A fifth of the answers given twice; and `max_tokens` 8 a prompt, less than an answer
+    // ("Answer to: Prompt 12: what is 12 squared?" is about 11 tokens), so the packed reply is
+    // cut short and the answers past the cut are missing or unterminated.
+    let faults = PackFaults {
+        duplicate: 0.2,
+        ..PackFaults::default()
+    };
+    let sim = Simulator::new(
+        SimConfig::new(tower_quota_sim::Limits::unlimited())
+            .with_pack_faults(faults)
+            .with_seed(3),
+    );
+    let pack = PackLayer::new().all(true);
+    let api = pack.clone().layer(sim.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let body = MessagesRequest::user("claude-sonnet-5-5", prompt(i), 8).to_bytes();
+        let req = http::Request::post("/v1/messages")
+            .header("x-api-key", "sk-pack")
+            .body(Full::new(body))
+            .unwrap();
+        let api = api.clone();
+        tasks.spawn(async move {
+            let res = api.oneshot(req).await.unwrap();
+            let packed = res.extensions().get::<Packed>().copied();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (i, packed, body)
+        });
+    }
+    let (mut from_pack, mut alone) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (i, packed, body) = done.unwrap();
+        let message: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let text = message["content"][0]["text"].as_str().unwrap();
+        if packed.is_some() {
+            assert_eq!(text, packed_answer(&prompt(i)));
+            from_pack += 1;
+        } else {
+            alone += 1;
+        }
+    }
+    let h = pack.handle();
+    assert_eq!(from_pack + alone, 64);
+    assert_eq!(alone as u64, h.resent_alone());
+    // Most answers of each pack of 16 are past the cut: far more than the duplicates alone.
+    assert!(alone > 32, "{alone} re-sent alone");
+    assert!(from_pack > 0, "some answers fit before the cut");
+}
