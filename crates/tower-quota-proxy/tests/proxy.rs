@@ -1,0 +1,140 @@
+//! quota-proxy against bad upstreams and bad clients: a clear error to the caller, nothing leaked,
+//! and the proxy keeps serving.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+use tower_quota_proxy::{Config, Proxy, app, serve};
+use tower_quota_sim::{MessagesRequest, SimConfig, Simulator};
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Starts a proxy for `config` on a loopback port: its base URL and its handles.
+async fn start(config: Config) -> (String, Proxy) {
+    let proxy = app(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(
+        listener,
+        proxy.router.clone(),
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    (base, proxy)
+}
+
+fn messages(base: &str, stream: bool) -> http::Request<Full<Bytes>> {
+    let mut body = MessagesRequest::user("claude-sonnet-5-5", "Hello", 64);
+    body.stream = stream;
+    http::Request::post(format!("{base}/v1/messages"))
+        .header("x-api-key", "sk-proxy-test")
+        .header("content-type", "application/json")
+        .body(Full::new(body.to_bytes()))
+        .unwrap()
+}
+
+async fn error_type(res: http::Response<hyper::body::Incoming>) -> String {
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&body).contains("sk-proxy-test"),
+        "the key leaked: {}",
+        String::from_utf8_lossy(&body)
+    );
+    v["error"]["type"].as_str().unwrap().to_owned()
+}
+
+async fn healthy(base: &str) -> bool {
+    let req = http::Request::get(format!("{base}/healthz"))
+        .body(Full::default())
+        .unwrap();
+    client().request(req).await.unwrap().status() == 200
+}
+
+/// An upstream that refuses connections: after the stack's retries, a 502 with an
+/// Anthropic-shaped `api_error` (paused time: the backoff passes at once).
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_refuses_connections_is_a_502() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let upstream = format!("http://127.0.0.1:{port}").parse().unwrap();
+    let (base, proxy) = start(Config::new(upstream)).await;
+    let res = client().request(messages(&base, false)).await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(error_type(res).await, "api_error");
+    assert_eq!(proxy.concurrency.in_flight(), 0);
+    assert_eq!(proxy.budget.queued(), 0);
+    assert!(healthy(&base).await);
+}
+
+/// An upstream that accepts and never answers: each attempt times out, then a 504.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_never_answers_is_a_504() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", silent.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut config = Config::new(upstream);
+    config.attempt_timeout = Duration::from_secs(5);
+    let (base, proxy) = start(config).await;
+    let res = client().request(messages(&base, false)).await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(error_type(res).await, "api_error");
+    assert_eq!(proxy.concurrency.in_flight(), 0);
+    assert!(healthy(&base).await);
+}
+
+/// A client that hangs up in the middle of a stream: the stream's slot and reservation are given
+/// back (the handles read back to idle) and the proxy keeps serving.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
+    let sim = Simulator::new(
+        SimConfig::new(tower_quota_sim::Limits::unlimited())
+            .with_latency(Duration::from_millis(5), Duration::from_millis(30)),
+    );
+    let upstream_server = tower_quota_sim::serve(sim, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let upstream = upstream_server.base_url().parse().unwrap();
+    let (base, proxy) = start(Config::new(upstream)).await;
+    let res = client().request(messages(&base, true)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    assert_eq!(
+        proxy.concurrency.in_flight(),
+        1,
+        "the stream holds its slot"
+    );
+    drop(body); // hang up mid-stream (about 2 s of stream left)
+    let mut idle = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if proxy.concurrency.in_flight() == 0 && proxy.budget.queued() == 0 {
+            idle = true;
+            break;
+        }
+    }
+    assert!(idle, "{:?} {:?}", proxy.concurrency, proxy.budget);
+    // And it keeps serving: a whole answer for the next caller.
+    let res = client().request(messages(&base, false)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    upstream_server.shutdown().await;
+}
