@@ -138,3 +138,41 @@ async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
     res.into_body().collect().await.unwrap();
     upstream_server.shutdown().await;
 }
+
+/// On shutdown the proxy stops accepting and lets the requests it holds finish: a request in
+/// flight to a slow upstream when the signal comes is answered whole.
+#[tokio::test]
+async fn shutdown_drains_the_requests_in_flight() {
+    let sim = Simulator::new(
+        SimConfig::new(tower_quota_sim::Limits::unlimited())
+            .with_latency(Duration::from_millis(300), Duration::ZERO),
+    );
+    let upstream_server = tower_quota_sim::serve(sim, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = app(Config::new(upstream_server.base_url().parse().unwrap()))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        proxy.router,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let in_flight = tokio::spawn(client().request(messages(&base, false)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200, "answered although the signal came first");
+    res.into_body().collect().await.unwrap();
+    server.await.unwrap().unwrap();
+    // And it no longer accepts.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    upstream_server.shutdown().await;
+}
