@@ -43,6 +43,24 @@ front=$(proxy "$behind")
 generous=$(sim --rpm 100000 --itpm 100000000 --otpm 100000000)
 stream_front=$(proxy "$generous")
 "$venv/bin/python" scripts/proxy_conformance.py "$front" "$behind" "$direct" "$stream_front" "$generous" "$key"
+# A settings file with limits for this key alone, named by its fingerprint (read on stdin).
+fp=$(printf '%s' "$key" | "$bin/quota-proxy" --fingerprint)
+conf=target/quota-proxy-test.toml
+printf 'max_queue = 500\n\n[keys.%s]\nrpm = 777\n' "$fp" > "$conf"
+port=$(free_port)
+"$bin/quota-proxy" --listen "127.0.0.1:$port" --upstream "$generous" --config "$conf" >>"$log" 2>&1 &
+pids+=($!); wait_port "$port"
+"$venv/bin/python" - "http://127.0.0.1:$port" "$key" "$fp" <<'PY'
+import sys, urllib.request
+import anthropic
+base, key, fp = sys.argv[1:4]
+anthropic.Anthropic(base_url=base, api_key=key, max_retries=0).messages.create(
+    model="claude-sonnet-4-6", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+line = f'tower_quota_limit{{partition="{fp}",bucket="requests"}} 777'
+assert line in metrics, "the key's own limit from the file is not in force"
+print("ok   --config: the key's own limits, named by --fingerprint, are in force")
+PY
 if grep -q "$key" "$log"; then
     echo "FAIL the key appears in the proxy's output"; exit 1
 fi

@@ -81,6 +81,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::util::BoxCloneSyncService;
@@ -88,6 +89,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::body::PresetBody;
 use tower_quota::budget::{BudgetHandle, Limits};
 use tower_quota::concurrency::ConcurrencyHandle;
+use tower_quota::partition::PartitionKey;
 use tower_quota::{BoxError, Preset, ServiceBuilderExt};
 
 /// Which provider's recommended stack.
@@ -121,6 +123,8 @@ pub struct Config {
     pub prometheus: Option<PrometheusHandle>,
     /// How long one attempt may wait for the upstream's response headers.
     pub attempt_timeout: Duration,
+    /// Limits of particular keys, by fingerprint (instead of [`Config::limits`]).
+    pub key_limits: HashMap<PartitionKey, Limits>,
 }
 
 impl Config {
@@ -137,6 +141,7 @@ impl Config {
             redis: None,
             prometheus: None,
             attempt_timeout: Duration::from_secs(600),
+            key_limits: HashMap::new(),
         }
     }
 }
@@ -195,6 +200,12 @@ pub async fn app(config: Config) -> Result<Proxy, BoxError> {
         .budget
         .max_queue(config.max_queue)
         .max_wait(Some(config.max_wait));
+    if !config.key_limits.is_empty() {
+        let per_key = config.key_limits.clone();
+        preset.budget = preset
+            .budget
+            .partition_limits(move |p| per_key.get(&p).copied());
+    }
     if let Some(url) = &config.redis {
         let store = tower_quota_redis::RedisStore::connect(url).await?;
         preset.budget = preset.budget.store(store);

@@ -145,7 +145,11 @@ fn settle_answer<R>(
             // layers inside (queued for a slot, or behind the gate): they will spend it.
             let held = u64::try_from(own.held.load(Ordering::SeqCst)).unwrap_or(0);
             for l in &mut learned {
-                if let Some(limit) = l.limit {
+                // A configured limit stays the one in force: only a learned one is shown.
+                if let Some(limit) = l
+                    .limit
+                    .filter(|_| own.scopes[0].limits.get(l.bucket).is_none())
+                {
                     own.metrics.limit(l.bucket, limit);
                 }
                 if let Some(remaining) = l.remaining {
