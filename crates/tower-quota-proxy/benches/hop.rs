@@ -84,10 +84,10 @@ impl Drop for Proxy {
     }
 }
 
-fn request(base: &str) -> http::Request<Full<Bytes>> {
+fn request(base: &str, key: &str) -> http::Request<Full<Bytes>> {
     let body = MessagesRequest::user("claude-sonnet-5-5", "Hello", 16).to_bytes();
     http::Request::post(format!("{base}/v1/messages"))
-        .header("x-api-key", "sk-hop")
+        .header("x-api-key", key)
         .header("content-type", "application/json")
         .body(Full::new(body))
         .unwrap()
@@ -96,7 +96,7 @@ fn request(base: &str) -> http::Request<Full<Bytes>> {
 /// `total` requests, `concurrency` at a time: sorted latencies and requests per second.
 async fn load(
     client: &HttpClient,
-    base: &str,
+    (base, key): (&str, &str),
     concurrency: usize,
     total: usize,
 ) -> (Vec<Duration>, f64) {
@@ -104,12 +104,20 @@ async fn load(
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (client, base, next) = (client.clone(), base.to_owned(), next.clone());
+        let (client, base, key, next) = (
+            client.clone(),
+            base.to_owned(),
+            key.to_owned(),
+            next.clone(),
+        );
         workers.spawn(async move {
             let mut lat = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 let t0 = Instant::now();
-                let res = client.request(request(&base)).await.expect("answered");
+                let res = client
+                    .request(request(&base, &key))
+                    .await
+                    .expect("answered");
                 assert_eq!(res.status(), 200);
                 res.into_body().collect().await.unwrap();
                 lat.push(t0.elapsed());
@@ -139,6 +147,13 @@ async fn main() {
     let upstream = tower_quota_sim::serve(sim, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
+    // HOP_UPSTREAM: another upstream instead (scripts/hop_litellm.sh gives the one LiteLLM
+    // forwards to, so both proxies stand in front of the same server).
+    let upstream_base = std::env::var("HOP_UPSTREAM").unwrap_or_else(|_| upstream.base_url());
+    // HOP_LITELLM and HOP_LITELLM_KEY: LiteLLM's proxy, measured beside.
+    let litellm = std::env::var("HOP_LITELLM")
+        .ok()
+        .map(|base| (base, std::env::var("HOP_LITELLM_KEY").unwrap_or_default()));
     let generous = [
         "--rpm",
         "100000000",
@@ -147,13 +162,18 @@ async fn main() {
         "--otpm",
         "100000000000",
     ];
-    let proxy = Proxy::start(&upstream.base_url(), &generous).await;
+    let proxy = Proxy::start(&upstream_base, &generous).await;
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1024)
         .build_http();
     // Warm both paths (connections, the adaptive limit).
-    load(&client, &upstream.base_url(), 64, 4_000).await;
-    load(&client, &proxy.base, 64, 4_000).await;
+    let direct_at = (upstream_base.as_str(), "sk-hop");
+    let proxy_at = (proxy.base.as_str(), "sk-hop");
+    load(&client, direct_at, 64, 4_000).await;
+    load(&client, proxy_at, 64, 4_000).await;
+    if let Some((base, key)) = &litellm {
+        load(&client, (base, key), 64, 1_000).await;
+    }
     // HOP_DEBUG=1: where the time goes (the proxy's own metrics after the warm-up).
     if std::env::var("HOP_DEBUG").is_ok() {
         let req = http::Request::get(format!("{}/metrics", proxy.base))
@@ -169,7 +189,8 @@ async fn main() {
             .unwrap()
             .to_bytes();
         for l in String::from_utf8_lossy(&text).lines() {
-            if l.contains("concurrency_limit")
+            if l.contains("_total{")
+                || l.contains("concurrency_limit")
                 || l.contains("in_flight")
                 || (l.contains("_seconds{") && l.contains("\"0.5\""))
             {
@@ -179,15 +200,38 @@ async fn main() {
     }
 
     println!(
-        "| concurrent clients | direct p50 | direct p99 | proxy p50 | proxy p99 | added p50 | direct req/s | proxy req/s |"
+        "| concurrent clients | direct p50 | direct p99 | proxy p50 | proxy p99 | added p50 | direct req/s | proxy req/s |{}",
+        if litellm.is_some() {
+            " LiteLLM p50 | LiteLLM p99 | LiteLLM req/s |"
+        } else {
+            ""
+        }
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|{}",
+        if litellm.is_some() {
+            "---:|---:|---:|"
+        } else {
+            ""
+        }
+    );
     for concurrency in [1, 64, 512] {
         let total = (concurrency * 40).max(4_000);
-        let (direct, direct_rps) = load(&client, &upstream.base_url(), concurrency, total).await;
-        let (proxied, proxy_rps) = load(&client, &proxy.base, concurrency, total).await;
+        let (direct, direct_rps) = load(&client, direct_at, concurrency, total).await;
+        let (proxied, proxy_rps) = load(&client, proxy_at, concurrency, total).await;
+        let beside = match &litellm {
+            Some((base, key)) => {
+                let (l, rps) = load(&client, (base, key), concurrency, total / 4).await;
+                format!(
+                    " {:.2} ms | {:.2} ms | {rps:.0} |",
+                    pct(&l, 0.5),
+                    pct(&l, 0.99)
+                )
+            }
+            None => String::new(),
+        };
         println!(
-            "| {concurrency} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {direct_rps:.0} | {proxy_rps:.0} |",
+            "| {concurrency} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {direct_rps:.0} | {proxy_rps:.0} |{beside}",
             pct(&direct, 0.5),
             pct(&direct, 0.99),
             pct(&proxied, 0.5),
@@ -200,7 +244,7 @@ async fn main() {
     // 10 000 requests of one key held: a budget of one request a minute, queues raised.
     let held = 10_000;
     let proxy = Proxy::start(
-        &upstream.base_url(),
+        &upstream_base,
         &[
             "--rpm",
             "1",
@@ -215,7 +259,7 @@ async fn main() {
     let flood = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut waiting = tokio::task::JoinSet::new();
     for _ in 0..held {
-        let f = flood.request(request(&proxy.base));
+        let f = flood.request(request(&proxy.base, "sk-hop"));
         waiting.spawn(async move {
             let _ = f.await;
         });

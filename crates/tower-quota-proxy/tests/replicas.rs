@@ -29,10 +29,12 @@ async fn run(redis: Option<String>) -> (u64, u64) {
     let mut bases = Vec::new();
     for _ in 0..3 {
         let mut config = Config::new(upstream.base_url().parse().unwrap());
+        // 98 % of the server's: the store's clock (Redis's) and the server's drift a little
+        // apart, and a budget set exactly at the limit meets the odd 429 from that alone.
         config.limits = Limits {
             requests: Some(Limit {
-                per_minute: 1200,
-                burst: Some(60),
+                per_minute: 1176,
+                burst: Some(58),
             }),
             ..Limits::new()
         };

@@ -261,7 +261,13 @@ where
                     }
                 },
                 Phase::Turn { fast } => {
-                    if fast && this.own.queue.available_permits() > 0 {
+                    // Nobody holds the turn, or its queue waits only for hand-overs (the store has
+                    // room): ahead of no one who needs room, it may reserve at once. Without this,
+                    // a queue for the turn, once formed under load, admits one request per task
+                    // wake-up (a starved runtime held a proxy's admissions to a few thousand a
+                    // second, with room for millions).
+                    let unbound = !this.own.bound.load(Ordering::Relaxed);
+                    if fast && (unbound || this.own.queue.available_permits() > 0) {
                         *this.phase = Phase::Reserve;
                         continue;
                     }
@@ -298,6 +304,14 @@ where
                         }
                         None => match shared.store.try_reserve(scopes, *this.cost) {
                             Some(a) => a,
+                            None if this.turn.is_none()
+                                && this.own.queue.available_permits() == 0 =>
+                            {
+                                // A store that must be asked (Redis) is asked by the head of
+                                // the queue alone: one call per wait, not one per request.
+                                *this.phase = Phase::Turn { fast: false };
+                                continue;
+                            }
                             None => {
                                 let (store, scopes) = (shared.store.clone(), scopes.clone());
                                 let cost = *this.cost;
@@ -311,6 +325,9 @@ where
                     };
                     match answer? {
                         Admission::Granted { charged } => {
+                            if this.own.bound.load(Ordering::Relaxed) {
+                                this.own.bound.store(false, Ordering::Relaxed);
+                            }
                             *this.queued = false;
                             shared.queued.fetch_sub(1, Ordering::SeqCst);
                             this.own.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -358,7 +375,9 @@ where
                             ))));
                         }
                         Admission::Wait { .. } if this.turn.is_none() => {
-                            // The fast path found no room: queue for the turn like everyone.
+                            // The fast path found no room: queue for the turn like everyone, and
+                            // so do the requests after it.
+                            this.own.bound.store(true, Ordering::Relaxed);
                             *this.phase = Phase::Turn { fast: false };
                         }
                         Admission::Wait {
@@ -375,6 +394,7 @@ where
                             if partition != PartitionKey::GLOBAL {
                                 *this.global_turn = None;
                             }
+                            this.own.bound.store(true, Ordering::Relaxed);
                             shared.waits.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(
                                 partition = %partition,

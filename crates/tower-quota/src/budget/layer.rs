@@ -74,6 +74,10 @@ pub(crate) struct Queue {
     pub(crate) held: Arc<std::sync::atomic::AtomicIsize>,
     /// Its handles in the `metrics` facade.
     pub(crate) metrics: crate::metrics::BudgetMetrics,
+    /// Whether the store last told one of its requests to wait (no grant since): while it has,
+    /// requests take the FIFO turn; while it has not, a request may reserve without it even when
+    /// others are queued for the turn (they only wait for its hand-over, not for room).
+    pub(crate) bound: AtomicBool,
 }
 
 impl Queue {
@@ -184,6 +188,7 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             held: Default::default(),
             metrics,
+            bound: AtomicBool::new(false),
         });
         map.insert(p, q.clone());
         q
@@ -216,7 +221,7 @@ struct Config {
 #[derive(Clone)]
 #[must_use]
 pub struct TokenBudgetLayer {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     config: Config,
 }
 

@@ -449,3 +449,44 @@ async fn the_queue_of_a_partition_is_bounded() {
     drop(held);
     assert_eq!(layer.handle().queued(), 0);
 }
+
+/// Requests queued for a partition's FIFO turn only because it is being handed over (the store
+/// has room) do not hold up a request that arrives meanwhile: it is admitted at once. (Before,
+/// a queue for the turn, once formed under load, admitted one request per task wake-up: a proxy
+/// in front of an instant server did 4 000 requests a second where 20 000 fit.)
+#[tokio::test(start_paused = true)]
+async fn a_turn_being_handed_over_does_not_hold_up_a_request_when_there_is_room() {
+    let layer = TokenBudgetLayer::new(
+        Limits::new()
+            .rpm(1_000)
+            .itpm(1_000_000)
+            .otpm(1_000_000)
+            .tpm(2_000_000),
+    );
+    let key = "sk-turn";
+    let own = layer
+        .shared
+        .queue(PartitionKey::fingerprint(key.as_bytes()));
+    // The turn is held (as it is between one holder's release and the next waiter's first poll).
+    let held = own.queue.clone().acquire_owned().await.unwrap();
+    let svc = layer.layer(Upstream::new((1, 1)));
+    let res = tokio::time::timeout(
+        Duration::from_secs(1),
+        svc.clone().oneshot(costed(key, Cost::new(1, 1))),
+    )
+    .await
+    .expect("admitted without the turn: the store has room");
+    assert!(res.unwrap().status().is_success());
+    // Once the store has made a request wait, requests take the turn again (FIFO).
+    own.bound.store(true, std::sync::atomic::Ordering::Relaxed);
+    let queued = tokio::time::timeout(
+        Duration::from_secs(1),
+        svc.oneshot(costed(key, Cost::new(1, 1))),
+    )
+    .await;
+    assert!(
+        queued.is_err(),
+        "a bound partition's requests queue for the turn"
+    );
+    drop(held);
+}
