@@ -17,8 +17,9 @@ use tower_quota_sim::{MessagesRequest, SimConfig, Simulator};
 const REQUESTS: usize = 160;
 
 /// Sends `REQUESTS` at once, round-robin over three proxies in front of a fresh simulator holding
-/// 1 200 requests a minute as a bucket of 60. Returns what the simulator saw: (ok, 429s).
-async fn run(redis: Option<String>) -> (u64, u64) {
+/// 1 200 requests a minute as a bucket of 60. Returns what the simulator saw: (ok, 429s, the
+/// share of the quota used between the first arrival and the last).
+async fn run(redis: Option<String>) -> (u64, u64, f64) {
     let sim = Simulator::new(SimConfig::new(tower_quota_sim::Limits {
         burst_fraction: 60.0 / 1200.0,
         ..tower_quota_sim::Limits::new(1200, 100_000_000, 100_000_000)
@@ -72,18 +73,25 @@ async fn run(redis: Option<String>) -> (u64, u64) {
             "every caller is answered 200 in the end"
         );
     }
-    let total = sim.summary().total;
+    let summary = sim.summary();
     upstream.shutdown().await;
-    (total.ok, total.rate_limited)
+    let quota = 60.0 + 20.0 * summary.span_s;
+    (
+        summary.total.ok,
+        summary.total.rate_limited,
+        summary.total.ok as f64 / quota,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_sharing_redis_hold_one_keys_quota() {
     let redis = support::RedisServer::start().await;
-    let (ok, limited) = run(Some(redis.url())).await;
-    let (alone_ok, alone_limited) = run(None).await;
+    let (ok, limited, used) = run(Some(redis.url())).await;
+    let (alone_ok, alone_limited, _) = run(None).await;
     eprintln!(
-        "shared Redis: {ok} ok, {limited} 429s; memory each: {alone_ok} ok, {alone_limited} 429s"
+        "shared Redis: {ok} ok, {limited} 429s, {:.1} % of the quota used; memory each: \
+         {alone_ok} ok, {alone_limited} 429s",
+        used * 100.0
     );
     assert_eq!(ok, REQUESTS as u64);
     // Together they never sent more than the key's quota: the server refused nothing.
