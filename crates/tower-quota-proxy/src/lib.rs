@@ -24,6 +24,9 @@
 //! When the stack gives up, the upstream's own last answer is returned unchanged. An upstream that
 //! cannot be reached is a `502`, one that does not answer in time a `504`.
 //!
+//! The proxy asks the upstream for uncompressed answers (it drops the callers' `accept-encoding`),
+//! so the budget can read each answer's `usage` and settle the reservation with it.
+//!
 //! `GET /healthz` answers `ok`; `GET /metrics` the layers' metrics in Prometheus' text format
 //! (`tower_quota::metrics`, labelled by key fingerprints). A request body over
 //! [`Config::body_limit`] (the Messages API's own 32 MB) is answered `413`. Keys are never
@@ -328,6 +331,9 @@ async fn forward(State(state): State<Arc<AppState>>, req: AxumRequest) -> Respon
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     copy_headers(&parts.headers, out.headers_mut());
+    // The budget reads each answer's `usage` to settle its reservation: ask the upstream for it
+    // uncompressed (SDKs ask for gzip; between the proxy and its callers it is loopback).
+    out.headers_mut().remove(http::header::ACCEPT_ENCODING);
     match state.stack.clone().oneshot(out).await {
         Ok(res) => {
             let (parts, body) = res.into_parts();

@@ -176,3 +176,46 @@ async fn shutdown_drains_the_requests_in_flight() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     upstream_server.shutdown().await;
 }
+
+/// The upstream is asked for uncompressed answers (the SDKs send `accept-encoding: gzip`), so the
+/// budget can read each answer's usage; the other headers pass through, hop-by-hop ones do not.
+#[tokio::test]
+async fn the_upstream_gets_the_callers_headers_but_not_its_encodings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    let seen = tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        let body = br#"{"type":"message","usage":{"input_tokens":1,"output_tokens":1}}"#;
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(reply.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    });
+    let (base, _proxy) = start(Config::new(url.parse().unwrap())).await;
+    let mut req = messages(&base, false);
+    let h = req.headers_mut();
+    h.insert("accept-encoding", "gzip, deflate".parse().unwrap());
+    h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+    h.insert("connection", "keep-alive, x-hop".parse().unwrap());
+    h.insert("x-hop", "per-connection".parse().unwrap());
+    let res = client().request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let head = seen.await.unwrap();
+    assert!(head.contains("anthropic-version: 2023-06-01"), "{head}");
+    assert!(head.contains("x-api-key: sk-proxy-test"), "{head}");
+    assert!(!head.contains("accept-encoding"), "{head}");
+    assert!(
+        !head.contains("x-hop"),
+        "a header named in Connection is hop-by-hop: {head}"
+    );
+}
