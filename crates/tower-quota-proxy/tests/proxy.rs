@@ -219,3 +219,50 @@ async fn the_upstream_gets_the_callers_headers_but_not_its_encodings() {
         "a header named in Connection is hop-by-hop: {head}"
     );
 }
+
+/// Holding, bounded: past a key's queue bound the proxy answers 429 at once, Anthropic-shaped,
+/// with a `retry-after` from its queue and `x-should-retry: true`; the requests within the bound
+/// are held and answered 200 in their turn.
+#[tokio::test(start_paused = true)]
+async fn past_the_queue_bound_a_429_with_retry_after() {
+    let sim = Simulator::new(SimConfig::new(tower_quota_sim::Limits::unlimited()));
+    let upstream_server = tower_quota_sim::serve(sim, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut config = Config::new(upstream_server.base_url().parse().unwrap());
+    // One request a minute (a burst of one), at most two waiting for it.
+    config.limits = tower_quota::budget::Limits::new().rpm(1);
+    config.max_queue = 2;
+    let (base, proxy) = start(config).await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        calls.push(tokio::spawn(client().request(messages(&base, false))));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = Vec::new();
+    for call in calls {
+        let res = call.await.unwrap().unwrap();
+        if res.status() == 429 {
+            let retry_after: u64 = res.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry_after >= 1, "{retry_after}");
+            assert_eq!(res.headers()["x-should-retry"], "true");
+            assert_eq!(error_type(res).await, "rate_limit_error");
+            statuses.push(429);
+        } else {
+            statuses.push(res.status().as_u16());
+            res.into_body().collect().await.unwrap();
+        }
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "one sent, two held, one refused"
+    );
+    assert_eq!(proxy.budget.queued(), 0);
+    upstream_server.shutdown().await;
+}
