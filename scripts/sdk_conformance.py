@@ -3,7 +3,7 @@ must parse as the SDK's own types, validated (not merely constructed).
 
 Run by scripts/sdk_conformance.sh, which installs the SDK into a virtual environment and starts
 the simulator; arguments: the base URLs of a plain simulator, one whose streams end with an
-overload event, and one that answers 529 to everything.
+overload event, one that answers 529 to everything, and one for the Message Batches API.
 """
 
 import sys
@@ -12,7 +12,7 @@ import anthropic
 import pydantic
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 
-plain, broken_stream, overloaded = sys.argv[1:4]
+plain, broken_stream, overloaded, batch_sim = sys.argv[1:5]
 MODEL = "claude-sonnet-4-6"
 ASK = [{"role": "user", "content": "Write a haiku about rate limits."}]
 events = pydantic.TypeAdapter(RawMessageStreamEvent)
@@ -113,5 +113,54 @@ try:
     check("404: raised", False, "no error")
 except anthropic.NotFoundError as e:
     check("404: NotFoundError", e.body["error"]["type"] == "not_found_error", repr(e.body))
+
+# The Message Batches API: create, retrieve, list, results (every result type), cancel, delete.
+import time
+
+from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
+
+batches = client(batch_sim).messages.batches
+requests = [
+    {"custom_id": "ok-1", "params": {"model": MODEL, "max_tokens": 16, "messages": ASK}},
+    {"custom_id": "ok-2", "params": {"model": MODEL, "max_tokens": 32, "messages": ASK}},
+    {"custom_id": "bad-1", "params": {"model": MODEL, "messages": ASK}},
+]
+raw = batches.with_raw_response.create(requests=requests)
+created = MessageBatch.model_validate(raw.http_response.json())
+check("batches.create: validates as MessageBatch", created.type == "message_batch"
+      and created.processing_status == "in_progress", repr(created))
+for _ in range(200):
+    got = batches.retrieve(created.id)
+    if got.processing_status == "ended":
+        break
+    time.sleep(0.05)
+check("batches.retrieve: ends, with its counts", got.processing_status == "ended"
+      and got.request_counts.succeeded == 2 and got.request_counts.errored == 1
+      and got.results_url is not None, repr(got))
+listed = batches.list()
+check("batches.list: the batch is listed", any(b.id == created.id for b in listed.data))
+results = {r.custom_id: r for r in batches.results(created.id)}
+for r in results.values():
+    MessageBatchIndividualResponse.model_validate(r.model_dump())
+check("batches.results: each request's result, by custom_id",
+      results["ok-1"].result.type == "succeeded"
+      and results["ok-1"].result.message.usage.output_tokens > 0
+      and results["bad-1"].result.type == "errored"
+      and results["bad-1"].result.error.error.type == "invalid_request_error",
+      repr(results))
+slow = batches.create(requests=[
+    {"custom_id": f"slow-{i}", "params": {"model": MODEL, "max_tokens": 8, "messages": ASK}}
+    for i in range(500)
+])
+canceled = batches.cancel(slow.id)
+check("batches.cancel: validates", canceled.processing_status in ("canceling", "ended"))
+for _ in range(200):
+    if batches.retrieve(slow.id).processing_status == "ended":
+        break
+    time.sleep(0.05)
+kinds = {r.result.type for r in batches.results(slow.id)}
+check("batches.results: canceled requests typed as canceled", "canceled" in kinds, repr(kinds))
+deleted = batches.delete(slow.id)
+check("batches.delete: validates", deleted.type == "message_batch_deleted")
 
 print(f"{len(checked)} passed, 0 failed")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The official `anthropic` Python SDK against tower-quota-sim (scripts/sdk_conformance.py): every
 # answer the simulator gives (messages, streams, a stream's error event, token counts, 429, 529,
-# 400, 413, 404) must parse as the SDK's own types. Installs the SDK into a virtual environment under
+# 400, 413, 404, the Message Batches API) must parse as the SDK's own types. Installs the SDK into a virtual environment under
 # target/ (PyPI), builds and starts three simulators on free loopback ports, stops them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +38,5 @@ start() {
 plain=$(start --rpm 20 --itpm 100000 --otpm 100000)
 broken=$(start --rpm 1000 --itpm 1000000 --otpm 1000000 --stream-error 1.0)
 overloaded=$(start --overload 1.0)
-"$venv/bin/python" scripts/sdk_conformance.py "$plain" "$broken" "$overloaded"
+batch=$(start --batch-rps 50)
+"$venv/bin/python" scripts/sdk_conformance.py "$plain" "$broken" "$overloaded" "$batch"

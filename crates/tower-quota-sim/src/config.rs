@@ -164,6 +164,11 @@ pub struct SimConfig {
     pub background: Option<Background>,
     /// Faults in the answers to packed prompts.
     pub pack_faults: PackFaults,
+    /// Requests a second the Message Batches API processes, per batch (simulated time).
+    pub batch_rps: f64,
+    /// The most requests one key may have processing in batches (`None`: no limit); a batch
+    /// that would pass it is refused with a 429.
+    pub batch_queue: Option<u64>,
 }
 
 impl fmt::Debug for SimConfig {
@@ -218,6 +223,8 @@ impl SimConfig {
             limit_changes: Vec::new(),
             background: None,
             pack_faults: PackFaults::default(),
+            batch_rps: 100.0,
+            batch_queue: None,
         }
     }
 

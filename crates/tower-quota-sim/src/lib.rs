@@ -47,6 +47,7 @@
 
 mod api;
 pub mod audit;
+pub mod batch;
 mod body;
 mod bucket;
 mod config;
@@ -55,6 +56,7 @@ mod service;
 
 pub use api::{Message, MessagesRequest, input_tokens, packed_answer};
 pub use audit::{AuditOutcome, AuditRecord, Counts, Summary};
+pub use batch::BatchCalls;
 pub use body::{BodyError, SimBody};
 pub use config::{Background, Dialect, Faults, Limits, PackFaults, RetryAfterStyle, SimConfig};
 pub use server::{ServeOptions, ServerHandle, serve, serve_with};

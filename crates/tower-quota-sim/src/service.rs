@@ -44,6 +44,8 @@ struct Shared {
     /// The configuration's scheduled events, in time order.
     events: Vec<(Duration, Event)>,
     state: Mutex<State>,
+    /// The Message Batches API's batches.
+    batches: Mutex<crate::batch::Batches>,
 }
 
 struct State {
@@ -220,6 +222,7 @@ impl Simulator {
                     audit: Vec::new(),
                     next_id: 0,
                 }),
+                batches: Mutex::default(),
             }),
         }
     }
@@ -286,6 +289,9 @@ impl Simulator {
             }
             (&Method::POST, "/v1/messages") => {}
             (&Method::POST, "/v1/messages/count_tokens") => return self.count_tokens(req).await,
+            (_, path) if path.starts_with("/v1/messages/batches") => {
+                return self.batches(req).await;
+            }
             _ => {
                 let d = self.record_only(arrival, None, AuditOutcome::NotFound);
                 return self.finish(d).await;
@@ -307,6 +313,97 @@ impl Simulator {
         let parsed = serde_json::from_slice::<MessagesRequest>(&bytes);
         let decision = self.decide(arrival, key, parsed);
         self.finish(decision).await
+    }
+
+    /// Calls to the Message Batches endpoints so far, and the requests received in batches.
+    pub fn batch_calls(&self) -> crate::batch::BatchCalls {
+        self.shared
+            .batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .calls
+    }
+
+    /// The Message Batches API (see `batch.rs`).
+    async fn batches<B>(self, req: Request<B>) -> Result<Response<SimBody>, BoxError>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        let Some(key) = api_key(req.headers()) else {
+            let body = api::error_body("authentication_error", "x-api-key header is required");
+            return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
+        };
+        let base = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or(String::new(), |h| format!("http://{h}"));
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let rest = path.trim_start_matches("/v1/messages/batches");
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        let now = Instant::now();
+        let cfg = &self.shared.config;
+        let answer = match (&method, parts.as_slice()) {
+            (&Method::POST, []) => {
+                let bytes =
+                    match http_body_util::Limited::new(req.into_body(), crate::batch::MAX_BYTES)
+                        .collect()
+                        .await
+                    {
+                        Ok(b) => b.to_bytes(),
+                        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                            let body = api::error_body(
+                                "request_too_large",
+                                "Request exceeds the maximum allowed number of bytes.",
+                            );
+                            return Ok(self.json(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                &body,
+                                HeaderMap::new(),
+                            ));
+                        }
+                        Err(e) => return Err(e),
+                    };
+                let judge = crate::batch::Judge {
+                    output_fraction: cfg.output_fraction,
+                    context_window: cfg.context_window,
+                    batch_rps: cfg.batch_rps,
+                    batch_queue: cfg.batch_queue,
+                    seed: cfg.seed,
+                    wall: self.wall_now(),
+                    base: &base,
+                };
+                self.batch_state().create(&key, &bytes, &judge, now)
+            }
+            (&Method::GET, []) => self.batch_state().list(&key, now, &base),
+            (&Method::GET, [id]) => self.batch_state().retrieve(&key, id, now, &base),
+            (&Method::DELETE, [id]) => self.batch_state().delete(&key, id, now),
+            (&Method::POST, [id, "cancel"]) => self.batch_state().cancel(&key, id, now, &base),
+            (&Method::GET, [id, "results"]) => match self.batch_state().results(&key, id, now) {
+                Ok(lines) => {
+                    let body = SimBody::full(Bytes::from(lines));
+                    return Ok(self.response(
+                        StatusCode::OK,
+                        "application/x-jsonl",
+                        HeaderMap::new(),
+                        body,
+                    ));
+                }
+                Err(answer) => answer,
+            },
+            _ => (404, api::error_body("not_found_error", "Not found")),
+        };
+        let status = StatusCode::from_u16(answer.0).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Ok(self.json(status, &answer.1, HeaderMap::new()))
+    }
+
+    fn batch_state(&self) -> std::sync::MutexGuard<'_, crate::batch::Batches> {
+        self.shared
+            .batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// `POST /v1/messages/count_tokens`: the input tokens the Messages endpoint would count for

@@ -95,6 +95,12 @@ struct ServeArgs {
     /// Calls per minute per key to `POST /v1/messages/count_tokens` (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     count_tokens_rpm: u64,
+    /// Requests a second the Message Batches API processes, per batch.
+    #[arg(long, default_value_t = 100.0)]
+    batch_rps: f64,
+    /// The most requests a key may have processing in batches (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    batch_queue: u64,
     /// Grace after a 429 before arrivals count as early, in milliseconds.
     #[arg(long, default_value_t = 100)]
     grace_ms: u64,
@@ -156,6 +162,8 @@ impl ServeArgs {
             .with_seed(self.seed);
         c.context_window = self.context_window;
         c.count_tokens_rpm = (self.count_tokens_rpm > 0).then_some(self.count_tokens_rpm);
+        c.batch_rps = self.batch_rps;
+        c.batch_queue = (self.batch_queue > 0).then_some(self.batch_queue);
         for &(at, rpm, itpm, otpm) in &self.limit_change {
             c = c.with_limit_change(
                 at,
