@@ -109,6 +109,7 @@
 #[macro_use]
 mod macros;
 
+pub mod batch;
 pub mod body;
 pub mod budget;
 pub mod builder;

@@ -58,6 +58,9 @@ where
         let partition = shared.ctx.partition(&mut req);
         let cost = match req.extensions().get::<Cost>() {
             Some(c) => *c,
+            // The Message Batches and token-counting endpoints have limits of their own: their
+            // calls spend nothing of the Messages buckets.
+            None if own_pool(req.uri().path()) => Cost::default(),
             None => {
                 let body = req.body().body_bytes();
                 shared
@@ -103,4 +106,9 @@ where
             span,
         )
     }
+}
+
+/// Whether `path` is an endpoint with rate limits apart from the Messages buckets.
+fn own_pool(path: &str) -> bool {
+    path.contains("/messages/batches") || path.ends_with("/messages/count_tokens")
 }
