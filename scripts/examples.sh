@@ -27,6 +27,12 @@ for name in ['naive', 'seed recipe', 'tower built-ins', 'SDK-like', 'tower-quota
 print('plot: target/compare.svg is a well-formed SVG naming every strategy')
 PY
 
+echo "--- burst --batch (short): the burst through the Message Batches API"
+out=$($bin/examples/burst --batch --requests 200 --json)
+echo "$out" | tail -9
+[ "$(echo "$out" | json_field messages_calls)" = 0 ] || { echo "burst --batch: requests reached /v1/messages"; exit 1; }
+[ "$(echo "$out" | json_field succeeded)" = 200 ] || { echo "burst --batch: requests failed"; exit 1; }
+
 echo "--- burst --base-url against quota-sim, every Retry-After style, with and without rate-limit headers"
 port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
 for style in seconds http-date ms none; do

@@ -15,6 +15,11 @@
 //! - `--base-url URL --api-key KEY` (default `$ANTHROPIC_API_KEY`) aims it at a real
 //!   Anthropic-compatible API; the stack then learns the limits from the headers.
 //! - `--json` prints the summary as one JSON object on the last line.
+//! - `--batch` sends the burst through the batch layer (the Message Batches API of the simulator)
+//!   and reports the requests that reached `/v1/messages`, the batches made, the time to the last
+//!   result, and the cost at batch prices next to Messages prices (`--price-in`, `--price-out`:
+//!   dollars per million tokens, by default Claude Sonnet's list prices at the time of writing,
+//!   3 and 15; batches cost half, as Anthropic documents).
 
 use bytes::Bytes;
 use clap::Parser;
@@ -71,6 +76,15 @@ struct Args {
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Send the burst through the Message Batches API (the batch layer) instead.
+    #[arg(long)]
+    batch: bool,
+    /// Input price, dollars per million tokens (Messages; a batch costs half).
+    #[arg(long, default_value_t = 3.0)]
+    price_in: f64,
+    /// Output price, dollars per million tokens (Messages; a batch costs half).
+    #[arg(long, default_value_t = 15.0)]
+    price_out: f64,
 }
 
 /// `--base-url`: an `http://` URL with a host (the demo's client speaks plain HTTP only).
@@ -169,6 +183,9 @@ async fn main() -> Result<(), BoxError> {
 
     if args.compare {
         return compare(&args, &key).await;
+    }
+    if args.batch {
+        return batch(&args, &key).await;
     }
 
     let (base, server, sim) = match &args.base_url {
@@ -726,6 +743,105 @@ fn plot_compare(
         draw_panel(area, panel, bins, top)?;
     }
     root.present()?;
+    Ok(())
+}
+
+/// The burst through the batch layer, against the simulator's Message Batches API.
+async fn batch(args: &Args, key: &str) -> Result<(), BoxError> {
+    if args.base_url.is_some() {
+        return Err("--batch runs against the simulator only (it reads its audit)".into());
+    }
+    let mut cfg = SimConfig::new(demo_limits());
+    cfg.batch_rps = 200.0;
+    let sim = Simulator::new(cfg);
+    let server = tower_quota_sim::serve(sim.clone(), "127.0.0.1:0".parse()?).await?;
+    let base = server.base_url();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let layer = tower_quota::batch::BatchLayer::new().all(true);
+    let api = ServiceBuilder::new()
+        .layer(layer.clone())
+        .quota_stack(Preset::anthropic(client_limits(demo_limits())))
+        .service(client);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.requests {
+        let body = MessagesRequest::user(
+            &args.model,
+            "Write a haiku about rate limits.",
+            args.max_tokens,
+        )
+        .to_bytes();
+        let req = Request::post(format!("{base}/v1/messages"))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(Full::new(body))?;
+        let api = api.clone();
+        tasks.spawn(async move {
+            let res = api.oneshot(req).await?;
+            let ok = res.status().is_success();
+            let bytes = res.into_body().collect().await?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let usage = (
+                v["usage"]["input_tokens"].as_u64().unwrap_or(0),
+                v["usage"]["output_tokens"].as_u64().unwrap_or(0),
+            );
+            Ok::<_, BoxError>((ok, usage))
+        });
+    }
+    let (mut ok, mut input, mut output) = (0, 0u64, 0u64);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Ok((true, (i, o)))) = done {
+            ok += 1;
+            input += i;
+            output += o;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let messages_cost = (input as f64 * args.price_in + output as f64 * args.price_out) / 1e6;
+    let calls = sim.batch_calls();
+    println!("requests             {}", args.requests);
+    println!("succeeded            {ok}");
+    println!("reached /v1/messages {}", sim.summary().total.requests);
+    println!(
+        "batches made         {} ({} requests in them)",
+        calls.created, calls.requests
+    );
+    println!("polls                {}", layer.handle().polls());
+    println!("last result after    {elapsed:.2} s");
+    println!("tokens               {input} in, {output} out");
+    println!(
+        "cost                 ${:.4} at batch prices, ${messages_cost:.4} at Messages prices \
+         (${} / ${} per million tokens in / out)",
+        messages_cost / 2.0,
+        args.price_in,
+        args.price_out
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "requests": args.requests,
+                "succeeded": ok,
+                "messages_calls": sim.summary().total.requests,
+                "batches": calls.created,
+                "elapsed_s": elapsed,
+                "input_tokens": input,
+                "output_tokens": output,
+                "cost_batch_usd": messages_cost / 2.0,
+                "cost_messages_usd": messages_cost,
+            })
+        );
+    }
+    server.shutdown().await;
+    if ok != args.requests {
+        eprintln!(
+            "error: {} of {} requests failed",
+            args.requests - ok,
+            args.requests
+        );
+        std::process::exit(1);
+    }
     Ok(())
 }
 
