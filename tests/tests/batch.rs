@@ -222,3 +222,24 @@ async fn a_streaming_request_cannot_be_deferred_and_others_are_not_delayed() {
     assert_eq!(sim.summary().total.requests, 1);
     pending.abort();
 }
+
+/// The batch endpoints' own limit: the polls meet 429s with a `retry-after`, and no call comes
+/// back before the wait they announced (the simulator counts early calls), yet every caller is
+/// answered.
+#[tokio::test(start_paused = true)]
+async fn polls_never_come_before_the_retry_after_of_the_batch_endpoints() {
+    let mut cfg = SimConfig::new(tower_quota_sim::Limits::new(50, 30_000, 8_000));
+    cfg.batch_rps = 1.0 / 30.0; // two requests: a minute
+    cfg.batch_rpm = Some(3); // a bucket of 3 calls, one more every 20 s
+    let sim = Simulator::new(cfg);
+    let api = stack(BatchLayer::new().all(true), &sim);
+    let calls: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(api.clone().oneshot(request(8))))
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status(), 200);
+    }
+    let counts = sim.batch_calls();
+    assert!(counts.refused >= 1, "the limit was never met: {counts:?}");
+    assert_eq!(counts.early, 0, "{counts:?}");
+}

@@ -61,6 +61,10 @@ pub struct BatchCalls {
     pub canceled: u64,
     /// Requests received inside batches.
     pub requests: u64,
+    /// Calls refused with a 429 (the batch endpoints' own requests-per-minute limit).
+    pub refused: u64,
+    /// Calls that came before the wait the key's last 429 announced had passed.
+    pub early: u64,
 }
 
 #[derive(Default)]

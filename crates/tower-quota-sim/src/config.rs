@@ -166,6 +166,9 @@ pub struct SimConfig {
     pub pack_faults: PackFaults,
     /// Requests a second the Message Batches API processes, per batch (simulated time).
     pub batch_rps: f64,
+    /// Calls a minute per key to the Message Batches endpoints, a limit of their own (`None`:
+    /// unlimited); over it, a 429 with the wait in the `retry_after` style.
+    pub batch_rpm: Option<u64>,
     /// The most requests one key may have processing in batches (`None`: no limit); a batch
     /// that would pass it is refused with a 429.
     pub batch_queue: Option<u64>,
@@ -224,6 +227,7 @@ impl SimConfig {
             background: None,
             pack_faults: PackFaults::default(),
             batch_rps: 100.0,
+            batch_rpm: None,
             batch_queue: None,
         }
     }

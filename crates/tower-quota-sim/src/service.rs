@@ -52,6 +52,10 @@ struct State {
     keys: HashMap<String, KeyState>,
     /// Each key's `count_tokens` bucket, and the calls counted (every answer, 429s included).
     counting: HashMap<String, TokenBucket>,
+    /// Each key's bucket of calls to the Message Batches endpoints.
+    batching: HashMap<String, TokenBucket>,
+    /// Until when each key was told to keep off the Message Batches endpoints (its last 429).
+    batch_cooldown: HashMap<String, Instant>,
     count_calls: u64,
     rng: StdRng,
     audit: Vec<AuditRecord>,
@@ -217,6 +221,8 @@ impl Simulator {
                 state: Mutex::new(State {
                     keys: HashMap::new(),
                     counting: HashMap::new(),
+                    batching: HashMap::new(),
+                    batch_cooldown: HashMap::new(),
                     count_calls: 0,
                     rng,
                     audit: Vec::new(),
@@ -324,6 +330,23 @@ impl Simulator {
             .calls
     }
 
+    /// A 429 for an endpoint with a limit of its own: come back after `wait`, said in the
+    /// configured Retry-After style.
+    fn endpoint_429(&self, wait: Duration, what: &str) -> Response<SimBody> {
+        let mut headers = HeaderMap::new();
+        retry_after(
+            &mut headers,
+            self.shared.config.retry_after,
+            wait,
+            self.wall_now(),
+        );
+        let body = api::error_body(
+            "rate_limit_error",
+            &format!("This request would exceed the rate limit for {what}."),
+        );
+        self.json(StatusCode::TOO_MANY_REQUESTS, &body, headers)
+    }
+
     /// The Message Batches API (see `batch.rs`).
     async fn batches<B>(self, req: Request<B>) -> Result<Response<SimBody>, BoxError>
     where
@@ -339,6 +362,26 @@ impl Simulator {
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .map_or(String::new(), |h| format!("http://{h}"));
+        let now = Instant::now();
+        let refused = {
+            let mut st = self.lock();
+            let early = st
+                .batch_cooldown
+                .get(&key)
+                .is_some_and(|&until| now < until);
+            if early {
+                self.batch_state().calls.early += 1;
+            }
+            endpoint_wait(&mut st.batching, &key, self.shared.config.batch_rpm)
+        };
+        if let Some(wait) = refused {
+            self.batch_state().calls.refused += 1;
+            let res = self.endpoint_429(wait, "the Message Batches API");
+            if let Some(announced) = announced_wait(res.headers()) {
+                self.lock().batch_cooldown.insert(key, now + announced);
+            }
+            return Ok(res);
+        }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let rest = path.trim_start_matches("/v1/messages/batches");
@@ -420,39 +463,12 @@ impl Simulator {
             return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
         };
         let refused = {
-            let cfg = &self.shared.config;
-            let now = Instant::now();
             let mut st = self.lock();
             st.count_calls += 1;
-            cfg.count_tokens_rpm.and_then(|rpm| {
-                let bucket = st
-                    .counting
-                    .entry(key.clone())
-                    .or_insert_with(|| TokenBucket::per_minute(rpm, 1.0, now));
-                match bucket.wait_for(1.0, now) {
-                    Some(Duration::ZERO) => {
-                        bucket.debit(1.0, now);
-                        None
-                    }
-                    Some(wait) => Some(wait),
-                    // A limit of 0: never.
-                    None => Some(Duration::from_secs(60)),
-                }
-            })
+            endpoint_wait(&mut st.counting, &key, self.shared.config.count_tokens_rpm)
         };
         if let Some(wait) = refused {
-            let mut headers = HeaderMap::new();
-            retry_after(
-                &mut headers,
-                self.shared.config.retry_after,
-                wait,
-                self.wall_now(),
-            );
-            let body = api::error_body(
-                "rate_limit_error",
-                "This request would exceed the rate limit for counting tokens.",
-            );
-            return Ok(self.json(StatusCode::TOO_MANY_REQUESTS, &body, headers));
+            return Ok(self.endpoint_429(wait, "counting tokens"));
         }
         let bytes = req
             .into_body()
@@ -845,6 +861,37 @@ impl Simulator {
                 Ok(res.map(|b| b.with_in_flight(None)))
             }
         }
+    }
+}
+
+/// The wait a 429's headers announce (`retry-after` seconds or `retry-after-ms`), if they say.
+fn announced_wait(headers: &HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name)?.to_str().ok()?.parse::<u64>().ok();
+    get("retry-after-ms")
+        .map(Duration::from_millis)
+        .or_else(|| get("retry-after").map(Duration::from_secs))
+}
+
+/// The wait before `key` may call an endpoint limited to `rpm` calls a minute (its buckets in
+/// `buckets`), or `None`: it may call now, and the call is counted.
+fn endpoint_wait(
+    buckets: &mut HashMap<String, TokenBucket>,
+    key: &str,
+    rpm: Option<u64>,
+) -> Option<Duration> {
+    let rpm = rpm?;
+    let now = Instant::now();
+    let bucket = buckets
+        .entry(key.to_owned())
+        .or_insert_with(|| TokenBucket::per_minute(rpm, 1.0, now));
+    match bucket.wait_for(1.0, now) {
+        Some(Duration::ZERO) => {
+            bucket.debit(1.0, now);
+            None
+        }
+        Some(wait) => Some(wait),
+        // A limit of 0: never.
+        None => Some(Duration::from_secs(60)),
     }
 }
 

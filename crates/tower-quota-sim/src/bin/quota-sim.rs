@@ -98,6 +98,9 @@ struct ServeArgs {
     /// Requests a second the Message Batches API processes, per batch.
     #[arg(long, default_value_t = 100.0)]
     batch_rps: f64,
+    /// Calls a minute per key to the Message Batches endpoints (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    batch_rpm: u64,
     /// The most requests a key may have processing in batches (0: no limit).
     #[arg(long, default_value_t = 0)]
     batch_queue: u64,
@@ -163,6 +166,7 @@ impl ServeArgs {
         c.context_window = self.context_window;
         c.count_tokens_rpm = (self.count_tokens_rpm > 0).then_some(self.count_tokens_rpm);
         c.batch_rps = self.batch_rps;
+        c.batch_rpm = (self.batch_rpm > 0).then_some(self.batch_rpm);
         c.batch_queue = (self.batch_queue > 0).then_some(self.batch_queue);
         for &(at, rpm, itpm, otpm) in &self.limit_change {
             c = c.with_limit_change(
