@@ -116,7 +116,7 @@ where
                                 Err(e) => ctx.classify_error(&**e).outcome,
                             };
                             let saturated = slots.saturated() && outcome == Outcome::Success;
-                            own.observe_at(outcome, rtt, saturated, now);
+                            own.observe_at(outcome, saturated, now);
                         }
                     }
                     let mut permit = slots.into_permit();

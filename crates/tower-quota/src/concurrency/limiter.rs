@@ -59,7 +59,6 @@ struct State {
     last_decrease: Option<Instant>,
     /// The limit at the last back-pressure: growth slows down near it.
     ceiling: Option<f64>,
-    rtt: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -106,7 +105,6 @@ impl Limiter {
                 debt: 0,
                 last_decrease: None,
                 ceiling: None,
-                rtt: None,
             }),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
@@ -130,7 +128,7 @@ impl Limiter {
     /// the round trips they need, `waiting / limit + 1` of the smoothed round trip (a second
     /// before one is known).
     pub(crate) fn queue_full(&self, partition: PartitionKey, waiting: usize) -> QueueFull {
-        let rtt = self.lock().rtt.unwrap_or(Duration::from_secs(1));
+        let rtt = self.smoothed_rtt().unwrap_or(Duration::from_secs(1));
         let rounds = waiting / self.limit().max(1) + 1;
         let now = Instant::now();
         let ahead = rtt.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
@@ -187,8 +185,9 @@ impl Limiter {
         self.sem.add_permits(1);
     }
 
-    /// One attempt's round trip to its response headers: smoothed for the live state (weights
-    /// 0.8 / 0.2, as the adaptive policy smooths it), recorded in the metrics.
+    /// One attempt's round trip to its response headers: smoothed (weights 0.8 / 0.2) for the
+    /// adaptive policy, the queue's `retry_at` estimate and the live state; recorded in the
+    /// metrics.
     pub(crate) fn round_trip(&self, rtt: Duration) {
         self.metrics.to_headers.record(rtt.as_secs_f64());
         let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
@@ -210,27 +209,18 @@ impl Limiter {
     /// Feeds one attempt's outcome and round-trip time to the policy.
     #[cfg(test)]
     pub(crate) fn observe(&self, outcome: Outcome, rtt: Duration, saturated: bool) {
-        self.observe_at(outcome, rtt, saturated, Instant::now());
+        self.round_trip(rtt);
+        self.observe_at(outcome, saturated, Instant::now());
     }
 
-    /// Feeds one attempt's outcome and round-trip time to the policy.
-    /// `now`: the instant the answer came.
-    pub(crate) fn observe_at(
-        &self,
-        outcome: Outcome,
-        rtt: Duration,
-        saturated: bool,
-        now: Instant,
-    ) {
+    /// Feeds one attempt's outcome to the policy, after its round trip was given to
+    /// [`round_trip`](Self::round_trip). `now`: the instant the answer came.
+    pub(crate) fn observe_at(&self, outcome: Outcome, saturated: bool, now: Instant) {
         let LimitKind::Aimd(a) = self.policy else {
             return;
         };
+        let smoothed = self.smoothed_rtt().unwrap_or_default();
         let mut s = self.lock();
-        let smoothed = match s.rtt {
-            None => rtt,
-            Some(prev) => prev.mul_f64(0.8) + rtt.mul_f64(0.2),
-        };
-        s.rtt = Some(smoothed);
         let (min, max) = (a.min.max(1) as f64, a.max.max(1) as f64);
         if outcome.is_backpressure() {
             let recent = s
