@@ -330,6 +330,15 @@ impl Simulator {
             .calls
     }
 
+    /// The caller's API key, or the 401 for a request without one (the endpoints outside the
+    /// Messages audit).
+    fn key_of(&self, headers: &HeaderMap) -> Result<String, Box<Response<SimBody>>> {
+        api_key(headers).ok_or_else(|| {
+            let body = api::error_body("authentication_error", "x-api-key header is required");
+            Box::new(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()))
+        })
+    }
+
     /// A 429 for an endpoint with a limit of its own: come back after `wait`, said in the
     /// configured Retry-After style.
     fn endpoint_429(&self, wait: Duration, what: &str) -> Response<SimBody> {
@@ -353,9 +362,9 @@ impl Simulator {
         B: Body,
         B::Error: Into<BoxError>,
     {
-        let Some(key) = api_key(req.headers()) else {
-            let body = api::error_body("authentication_error", "x-api-key header is required");
-            return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
+        let key = match self.key_of(req.headers()) {
+            Ok(key) => key,
+            Err(refused) => return Ok(*refused),
         };
         let base = req
             .headers()
@@ -458,9 +467,9 @@ impl Simulator {
         B: Body,
         B::Error: Into<BoxError>,
     {
-        let Some(key) = api_key(req.headers()) else {
-            let body = api::error_body("authentication_error", "x-api-key header is required");
-            return Ok(self.json(StatusCode::UNAUTHORIZED, &body, HeaderMap::new()));
+        let key = match self.key_of(req.headers()) {
+            Ok(key) => key,
+            Err(refused) => return Ok(*refused),
         };
         let refused = {
             let mut st = self.lock();
