@@ -38,6 +38,7 @@
 //! file upload, a different result shape) is not served by this layer.
 
 use crate::BoxError;
+use crate::collect::{self, Groups};
 use crate::pack::{PackInner, PackRequestBody};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode, Uri};
@@ -47,8 +48,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -150,7 +151,8 @@ struct Stats {
 
 struct Shared {
     config: Config,
-    groups: Mutex<HashMap<String, Group>>,
+    groups: Arc<Groups<Group>>,
+    /// Numbers the requests' `custom_id`s.
     next: AtomicU64,
     stats: Stats,
 }
@@ -164,7 +166,6 @@ struct Item {
 }
 
 struct Group {
-    generation: u64,
     /// A request of the group: its method, headers and URI make the batch calls.
     head: http::request::Parts,
     items: Vec<Item>,
@@ -214,7 +215,7 @@ impl BatchLayer {
         Self {
             shared: Arc::new(Shared {
                 config,
-                groups: Mutex::new(HashMap::new()),
+                groups: Arc::new(Groups::new()),
                 next: AtomicU64::new(0),
                 stats: Stats::default(),
             }),
@@ -402,55 +403,36 @@ impl Shared {
         let c = &self.config;
         let key = group_key(&parts);
         let size = params.to_string().len() + 64;
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        if groups
-            .get(&key)
-            .is_some_and(|g| g.bytes + size > c.max_bytes)
-        {
-            if let Some(g) = groups.remove(&key) {
-                tokio::spawn(submit(inner.clone(), self.clone(), g));
-            }
-        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let group = groups.entry(key.clone()).or_insert_with(|| {
-            let (shared, inner, key) = (self.clone(), inner.clone(), key.clone());
-            let wait = c.max_wait;
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                let g = {
-                    let mut groups = shared.groups.lock().unwrap_or_else(|e| e.into_inner());
-                    match groups.get(&key) {
-                        Some(g) if g.generation == n => groups.remove(&key),
-                        _ => None,
-                    }
-                };
-                if let Some(g) = g {
-                    submit(inner, shared, g).await;
+        let shared = self.clone();
+        let send = move |g| submit(inner.clone(), shared.clone(), g);
+        self.groups.add(
+            &key,
+            c.max_wait,
+            send,
+            |g| g.bytes + size > c.max_bytes,
+            || {
+                let mut head = Request::new(()).into_parts().0;
+                head.method = parts.method;
+                head.uri = parts.uri;
+                head.headers = parts.headers;
+                Group {
+                    head,
+                    items: Vec::new(),
+                    bytes: 0,
                 }
-            });
-            let mut head = Request::new(()).into_parts().0;
-            head.method = parts.method.clone();
-            head.uri = parts.uri.clone();
-            head.headers = parts.headers.clone();
-            Group {
-                generation: n,
-                head,
-                items: Vec::new(),
-                bytes: 0,
-            }
-        });
-        group.bytes += size;
-        group.items.push(Item {
-            custom_id: format!("tq-{n}"),
-            params,
-            tx,
-        });
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        if group.items.len() >= c.max_requests {
-            if let Some(g) = groups.remove(&key) {
-                tokio::spawn(submit(inner, self.clone(), g));
-            }
-        }
+            },
+            |g| {
+                g.bytes += size;
+                g.items.push(Item {
+                    custom_id: format!("tq-{n}"),
+                    params,
+                    tx,
+                });
+                self.stats.queued.fetch_add(1, Ordering::SeqCst);
+                g.items.len() >= c.max_requests
+            },
+        );
     }
 }
 
@@ -524,10 +506,7 @@ async fn submit<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Share
     if !parts.status.is_success() {
         // The create call's own answer (after the stack inside gave up), to every caller.
         for item in items {
-            let mut res = Response::new(Full::new(bytes.clone()));
-            *res.status_mut() = parts.status;
-            *res.headers_mut() = parts.headers.clone();
-            let _ = item.tx.send(Ok(res));
+            let _ = item.tx.send(Ok(collect::copy_of(&parts, &bytes)));
         }
         return;
     }

@@ -116,6 +116,7 @@ pub mod builder;
 pub mod classify;
 #[cfg(any(test, feature = "governor"))]
 pub mod clock;
+mod collect;
 pub mod concurrency;
 pub mod context;
 pub mod error;

@@ -89,16 +89,16 @@
 use crate::BoxError;
 use crate::body::InMemoryBody;
 use crate::budget::ContextWindows;
+use crate::collect::{self, Groups};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -170,14 +170,12 @@ struct Stats {
 
 struct Shared {
     config: Config,
-    groups: Mutex<HashMap<String, Group>>,
-    next_generation: AtomicU64,
+    groups: Arc<Groups<Group>>,
     stats: Stats,
 }
 
 /// A pack being filled.
 struct Group {
-    generation: u64,
     items: Vec<Item>,
     input: u64,
     output: u64,
@@ -243,8 +241,7 @@ impl PackLayer {
         Self {
             shared: Arc::new(Shared {
                 config,
-                groups: Mutex::new(HashMap::new()),
-                next_generation: AtomicU64::new(0),
+                groups: Arc::new(Groups::new()),
                 stats: Stats::default(),
             }),
         }
@@ -551,58 +548,47 @@ impl Shared {
         tx: oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>,
     ) {
         let c = &self.config;
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let full = groups.get(&p.key).is_some_and(|g| {
-            g.items.len() >= c.max_items
-                || g.input + p.input > c.max_input_tokens
-                || g.output + p.max_tokens > c.max_output_tokens
-                || g.input + p.input + g.output + p.max_tokens > g.window
-        });
-        if full {
-            if let Some(g) = groups.remove(&p.key) {
-                tokio::spawn(flush(inner.clone(), self.clone(), g));
-            }
-        }
-        let group = groups.entry(p.key.clone()).or_insert_with(|| {
-            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-            let (shared, inner, key) = (self.clone(), inner.clone(), p.key.clone());
-            let wait = c.max_wait;
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                let g = {
-                    let mut groups = shared.groups.lock().unwrap_or_else(|e| e.into_inner());
-                    match groups.get(&key) {
-                        Some(g) if g.generation == generation => groups.remove(&key),
-                        _ => None,
-                    }
-                };
-                if let Some(g) = g {
-                    flush(inner, shared, g).await;
-                }
-            });
-            Group {
-                generation,
+        let shared = self.clone();
+        let send = move |g| flush(inner.clone(), shared.clone(), g);
+        let Prompt {
+            key,
+            template,
+            text,
+            max_tokens,
+            input,
+            window,
+            bytes,
+        } = p;
+        self.groups.add(
+            &key,
+            c.max_wait,
+            send,
+            |g| {
+                g.items.len() >= c.max_items
+                    || g.input + input > c.max_input_tokens
+                    || g.output + max_tokens > c.max_output_tokens
+                    || g.input + input + g.output + max_tokens > g.window
+            },
+            || Group {
                 items: Vec::new(),
                 input: 0,
                 output: 0,
-                template: p.template.clone(),
-                window: p.window,
-            }
-        });
-        group.input += p.input;
-        group.output += p.max_tokens;
-        group.items.push(Item {
-            parts,
-            bytes: p.bytes,
-            text: p.text,
-            input: p.input,
-            tx,
-        });
-        if group.items.len() >= c.max_items {
-            if let Some(g) = groups.remove(&p.key) {
-                tokio::spawn(flush(inner, self.clone(), g));
-            }
-        }
+                template,
+                window,
+            },
+            |g| {
+                g.input += input;
+                g.output += max_tokens;
+                g.items.push(Item {
+                    parts,
+                    bytes,
+                    text,
+                    input,
+                    tx,
+                });
+                g.items.len() >= c.max_items
+            },
+        );
     }
 }
 
@@ -673,10 +659,7 @@ async fn flush<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Shared
     if !parts.status.is_success() {
         // What the stack inside gave up on, answered to every caller as it came.
         for item in items {
-            let mut res = Response::new(Full::new(bytes.clone()));
-            *res.status_mut() = parts.status;
-            *res.headers_mut() = parts.headers.clone();
-            let _ = item.tx.send(Ok(res));
+            let _ = item.tx.send(Ok(collect::copy_of(&parts, &bytes)));
         }
         return;
     }
