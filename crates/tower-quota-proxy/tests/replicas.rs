@@ -30,12 +30,15 @@ async fn run(redis: Option<String>) -> (u64, u64, f64) {
     let mut bases = Vec::new();
     for _ in 0..3 {
         let mut config = Config::new(upstream.base_url().parse().unwrap());
-        // 98 % of the server's: the store's clock (Redis's) and the server's drift a little
-        // apart, and a budget set exactly at the limit meets the odd 429 from that alone.
+        // Under the server's limit by a margin for the trip from admission to the server: a
+        // request admitted at t arrives at t + d, and d varies with the load (the wait for a
+        // slot, the gate, the hop). A sequence paced to (rate r, burst b) and delayed by 0..D
+        // arrives paced to (r, b + r * D) at most: a burst 6 under the server's absorbs 300 ms of
+        // jitter at 20 a second. With 2 (98 %), a loaded CI machine met one 429 in 161 calls.
         config.limits = Limits {
             requests: Some(Limit {
-                per_minute: 1176,
-                burst: Some(58),
+                per_minute: 1140,
+                burst: Some(54),
             }),
             ..Limits::new()
         };
