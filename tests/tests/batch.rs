@@ -182,9 +182,27 @@ async fn an_hour_long_batch_is_polled_at_most_about_eighty_times() {
     for _ in 0..3_600 {
         tasks.spawn(api.clone().oneshot(request(8)));
     }
+    // Half an hour in, the handle shows the batch as its last poll (at most a minute old)
+    // counted it.
+    tokio::time::sleep(Duration::from_secs(1_800)).await;
+    let live = layer.handle().batches();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let counts = live[0].counts;
+    assert_eq!(live[0].requests, 3_600);
+    assert!(live[0].id.starts_with("msgbatch_"), "{live:?}");
+    assert!(
+        (1_700..=1_800).contains(&counts.succeeded),
+        "{counts:?} half an hour in"
+    );
+    assert_eq!(counts.processing + counts.succeeded, 3_600, "{counts:?}");
+    assert!(!live[0].delivering);
     while let Some(done) = tasks.join_next().await {
         assert_eq!(done.unwrap().unwrap().status(), 200);
     }
+    assert!(
+        layer.handle().batches().is_empty(),
+        "a batch delivered is gone"
+    );
     let polls = layer.handle().polls();
     assert!(polls <= 80, "{polls} polls");
     assert_eq!(sim.batch_calls().retrieved, polls);

@@ -22,7 +22,8 @@
 //!   `custom_id` of its own. A caller that drops its future before submission is left out.
 //! - **Polled**: `GET /v1/messages/batches/{id}` after 1 s, then each wait 1.5 times the last, up
 //!   to a minute, with up to a tenth of jitter, never before a `Retry-After` the endpoint gave.
-//!   When every caller of a submitted batch is gone, it is canceled.
+//!   When every caller of a submitted batch is gone, it is canceled. Each poll's
+//!   `request_counts` are kept for the live state ([`BatchHandle::batches`]).
 //! - **Results read as a stream**: the results file is read line by line as it arrives (a
 //!   100 000-request file can be hundreds of MB; only the line being read is held), each line
 //!   matched by `custom_id` and answered at once.
@@ -48,8 +49,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -155,6 +156,52 @@ struct Shared {
     /// Numbers the requests' `custom_id`s.
     next: AtomicU64,
     stats: Stats,
+    /// The batches submitted and not finished, as their last poll counted them.
+    live: Mutex<Vec<BatchStatus>>,
+}
+
+/// A submitted batch's requests by state, as the last poll of
+/// `GET /v1/messages/batches/{id}` counted them (its `request_counts`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestCounts {
+    /// Not processed yet.
+    pub processing: u64,
+    /// Answered with a message.
+    pub succeeded: u64,
+    /// Answered with an error.
+    pub errored: u64,
+    /// Canceled before they were processed.
+    pub canceled: u64,
+    /// Expired before they were processed.
+    pub expired: u64,
+}
+
+impl RequestCounts {
+    fn from_json(v: &Value) -> Option<Self> {
+        let n = |k: &str| v[k].as_u64();
+        Some(Self {
+            processing: n("processing")?,
+            succeeded: n("succeeded")?,
+            errored: n("errored")?,
+            canceled: n("canceled")?,
+            expired: n("expired")?,
+        })
+    }
+}
+
+/// A batch submitted and not finished: see [`BatchHandle::batches`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchStatus {
+    /// The batch's id (`msgbatch_...`).
+    pub id: String,
+    /// Requests it was submitted with (callers that left since still count).
+    pub requests: usize,
+    /// Its requests by state, from its last poll; all `processing` before the first.
+    pub counts: RequestCounts,
+    /// Whether its results are being delivered (it ended).
+    pub delivering: bool,
 }
 
 type Answer = oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>;
@@ -218,6 +265,7 @@ impl BatchLayer {
                 groups: Arc::new(Groups::new()),
                 next: AtomicU64::new(0),
                 stats: Stats::default(),
+                live: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -302,6 +350,12 @@ impl BatchHandle {
     /// Batches canceled because every caller was gone.
     pub fn canceled(&self) -> u64 {
         self.shared.stats.canceled.load(Ordering::Relaxed)
+    }
+
+    /// The batches submitted and not finished, oldest first, with their `request_counts` as
+    /// their last poll gave them.
+    pub fn batches(&self) -> Vec<BatchStatus> {
+        self.shared.live().clone()
     }
 }
 
@@ -393,6 +447,17 @@ fn group_key(parts: &http::request::Parts) -> String {
 }
 
 impl Shared {
+    fn live(&self) -> MutexGuard<'_, Vec<BatchStatus>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Updates a live batch's entry.
+    fn update(&self, id: &str, f: impl FnOnce(&mut BatchStatus)) {
+        if let Some(b) = self.live().iter_mut().find(|b| b.id == id) {
+            f(b);
+        }
+    }
+
     fn add<S: PackInner<B>, B: PackRequestBody>(
         self: Arc<Self>,
         inner: S,
@@ -516,6 +581,15 @@ async fn submit<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Share
     };
     stats.submitted.fetch_add(1, Ordering::Relaxed);
     stats.in_flight.fetch_add(1, Ordering::SeqCst);
+    shared.live().push(BatchStatus {
+        id: id.clone(),
+        requests: items.len(),
+        counts: RequestCounts {
+            processing: items.len() as u64,
+            ..RequestCounts::default()
+        },
+        delivering: false,
+    });
     tracing::debug!(batch = %id, requests = items.len(), "batch: submitted");
     let mut callers: HashMap<String, Answer> =
         items.into_iter().map(|i| (i.custom_id, i.tx)).collect();
@@ -529,6 +603,7 @@ async fn submit<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Share
             format!("batch {id} gave no result for this request"),
         ))));
     }
+    shared.live().retain(|b| b.id != id);
     stats.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -577,7 +652,14 @@ async fn poll<S: PackInner<B>, B: PackRequestBody>(
         }
         let batch: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         tracing::trace!(batch = %id, counts = %batch["request_counts"], "batch: polled");
-        if batch["processing_status"] == "ended" {
+        let ended = batch["processing_status"] == "ended";
+        if let Some(counts) = RequestCounts::from_json(&batch["request_counts"]) {
+            shared.update(id, |b| {
+                b.counts = counts;
+                b.delivering = ended;
+            });
+        }
+        if ended {
             let url = batch["results_url"].as_str().map_or_else(
                 || format!("/v1/messages/batches/{id}/results"),
                 str::to_owned,
