@@ -17,9 +17,9 @@
 //! - `--json` prints the summary as one JSON object on the last line.
 //! - `--batch` sends the burst through the batch layer (the Message Batches API of the simulator)
 //!   and reports the requests that reached `/v1/messages`, the batches made, the time to the last
-//!   result, and the cost at batch prices next to Messages prices (`--price-in`, `--price-out`:
-//!   dollars per million tokens, by default Claude Sonnet's list prices at the time of writing,
-//!   3 and 15; batches cost half, as Anthropic documents).
+//!   result, and the cost at batch prices next to Messages prices (the model family's list
+//!   prices from `tower_quota_sim::Price`, or `--price-in`, `--price-out` in dollars per million
+//!   tokens; batches cost half, as Anthropic documents).
 
 use bytes::Bytes;
 use clap::Parser;
@@ -79,12 +79,14 @@ struct Args {
     /// Send the burst through the Message Batches API (the batch layer) instead.
     #[arg(long)]
     batch: bool,
-    /// Input price, dollars per million tokens (Messages; a batch costs half).
-    #[arg(long, default_value_t = 3.0)]
-    price_in: f64,
-    /// Output price, dollars per million tokens (Messages; a batch costs half).
-    #[arg(long, default_value_t = 15.0)]
-    price_out: f64,
+    /// Input price, dollars per million tokens (Messages; a batch costs half). Default: the
+    /// model family's list price.
+    #[arg(long)]
+    price_in: Option<f64>,
+    /// Output price, dollars per million tokens (Messages; a batch costs half). Default: the
+    /// model family's list price.
+    #[arg(long)]
+    price_out: Option<f64>,
 }
 
 /// `--base-url`: an `http://` URL with a host (the demo's client speaks plain HTTP only).
@@ -798,7 +800,12 @@ async fn batch(args: &Args, key: &str) -> Result<(), BoxError> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let messages_cost = (input as f64 * args.price_in + output as f64 * args.price_out) / 1e6;
+    let list = tower_quota_sim::Price::of(&args.model);
+    let price = tower_quota_sim::Price {
+        input: args.price_in.unwrap_or(list.input),
+        output: args.price_out.unwrap_or(list.output),
+    };
+    let messages_cost = price.messages(input, output);
     let calls = sim.batch_calls();
     println!("requests             {}", args.requests);
     println!("succeeded            {ok}");
@@ -813,9 +820,9 @@ async fn batch(args: &Args, key: &str) -> Result<(), BoxError> {
     println!(
         "cost                 ${:.4} at batch prices, ${messages_cost:.4} at Messages prices \
          (${} / ${} per million tokens in / out)",
-        messages_cost / 2.0,
-        args.price_in,
-        args.price_out
+        price.batch(input, output),
+        price.input,
+        price.output
     );
     if args.json {
         println!(
@@ -828,7 +835,7 @@ async fn batch(args: &Args, key: &str) -> Result<(), BoxError> {
                 "elapsed_s": elapsed,
                 "input_tokens": input,
                 "output_tokens": output,
-                "cost_batch_usd": messages_cost / 2.0,
+                "cost_batch_usd": price.batch(input, output),
                 "cost_messages_usd": messages_cost,
             })
         );

@@ -51,6 +51,7 @@ pub mod batch;
 mod body;
 mod bucket;
 mod config;
+pub mod prices;
 mod server;
 mod service;
 
@@ -59,6 +60,7 @@ pub use audit::{AuditOutcome, AuditRecord, Counts, Summary};
 pub use batch::BatchCalls;
 pub use body::{BodyError, SimBody};
 pub use config::{Background, Dialect, Faults, Limits, PackFaults, RetryAfterStyle, SimConfig};
+pub use prices::Price;
 pub use server::{ServeOptions, ServerHandle, serve, serve_with};
 pub use service::Simulator;
 

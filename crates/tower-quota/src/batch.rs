@@ -534,12 +534,32 @@ async fn read<S: PackInner<B>, B: PackRequestBody>(
     Ok((parts, bytes))
 }
 
-fn fail_all(items: Vec<Item>, e: &str) {
-    for item in items {
-        let _ = item
-            .tx
-            .send(Err(Box::new(BatchError::new(Kind::Failed, e.to_owned()))));
+fn fail_all(callers: HashMap<String, Answer>, e: &str) {
+    for (_, tx) in callers {
+        let _ = tx.send(Err(Box::new(BatchError::new(Kind::Failed, e.to_owned()))));
     }
+}
+
+/// The create call's body, `{"requests":[{"custom_id":..,"params":..},..]}`, written straight
+/// from the items; each item's parsed request is dropped as it is written, so nothing of the
+/// requests but their `custom_id`s outlives the submission (a batch lives for hours).
+fn create_body(items: Vec<Item>, bytes: usize) -> (Bytes, HashMap<String, Answer>) {
+    let mut body = Vec::with_capacity(bytes + 16);
+    let mut callers = HashMap::with_capacity(items.len());
+    body.extend_from_slice(b"{\"requests\":[");
+    for (k, item) in items.into_iter().enumerate() {
+        if k > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"custom_id\":");
+        serde_json::to_writer(&mut body, &item.custom_id).expect("a string serializes");
+        body.extend_from_slice(b",\"params\":");
+        serde_json::to_writer(&mut body, &item.params).expect("a JSON value serializes");
+        body.push(b'}');
+        callers.insert(item.custom_id, item.tx);
+    }
+    body.extend_from_slice(b"]}");
+    (Bytes::from(body), callers)
 }
 
 /// Submits a batch, polls it, and answers its callers from its results.
@@ -555,44 +575,39 @@ async fn submit<S: PackInner<B>, B: PackRequestBody>(inner: S, shared: Arc<Share
     if items.is_empty() {
         return;
     }
-    let requests: Vec<Value> = items
-        .iter()
-        .map(|i| json!({"custom_id": i.custom_id, "params": i.params}))
-        .collect();
-    let body = Bytes::from(json!({ "requests": requests }).to_string());
+    let n = items.len();
+    let (body, mut callers) = create_body(items, group.bytes);
     let head = group.head;
     let Some(req) = call::<B>(&head, http::Method::POST, "/v1/messages/batches", body) else {
-        return fail_all(items, "the request's URI has no host to send a batch to");
+        return fail_all(callers, "the request's URI has no host to send a batch to");
     };
     let (parts, bytes) = match read(inner.clone(), req).await {
         Ok(r) => r,
-        Err(e) => return fail_all(items, &e.to_string()),
+        Err(e) => return fail_all(callers, &e.to_string()),
     };
     if !parts.status.is_success() {
         // The create call's own answer (after the stack inside gave up), to every caller.
-        for item in items {
-            let _ = item.tx.send(Ok(collect::copy_of(&parts, &bytes)));
+        for (_, tx) in callers {
+            let _ = tx.send(Ok(collect::copy_of(&parts, &bytes)));
         }
         return;
     }
     let batch: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let Some(id) = batch["id"].as_str().map(str::to_owned) else {
-        return fail_all(items, "the create call's answer has no batch id");
+        return fail_all(callers, "the create call's answer has no batch id");
     };
     stats.submitted.fetch_add(1, Ordering::Relaxed);
     stats.in_flight.fetch_add(1, Ordering::SeqCst);
     shared.live().push(BatchStatus {
         id: id.clone(),
-        requests: items.len(),
+        requests: n,
         counts: RequestCounts {
-            processing: items.len() as u64,
+            processing: n as u64,
             ..RequestCounts::default()
         },
         delivering: false,
     });
-    tracing::debug!(batch = %id, requests = items.len(), "batch: submitted");
-    let mut callers: HashMap<String, Answer> =
-        items.into_iter().map(|i| (i.custom_id, i.tx)).collect();
+    tracing::debug!(batch = %id, requests = n, "batch: submitted");
     let ended = poll(inner.clone(), &shared, &head, &id, &mut callers).await;
     if let Some(results_url) = ended {
         deliver(inner, &shared, &head, &id, &results_url, &mut callers).await;

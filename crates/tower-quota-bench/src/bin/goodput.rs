@@ -8,6 +8,7 @@
 
 use clap::Parser;
 use std::time::Duration;
+use tower_quota_bench::batch;
 use tower_quota_bench::scenario::{Scenario, Target, run, table};
 use tower_quota_bench::strategy::Strategy;
 
@@ -30,13 +31,18 @@ struct Args {
     /// (the tower-quota strategies only; 0 skips it).
     #[arg(long, default_value_t = 600)]
     http_learning_requests: usize,
+    /// Requests in the Message Batches rows (the RPM-bound burst through the Messages path and
+    /// through the batch path; 0 skips them).
+    #[arg(long, default_value_t = 20_000)]
+    batch_requests: usize,
     /// Wall-clock cap on one real-HTTP cell, seconds.
     #[arg(long, default_value_t = 60)]
     http_deadline: u64,
     /// Only these strategies (default: all).
     #[arg(long, value_enum)]
     strategy: Vec<Strategy>,
-    /// Only the scenarios whose name contains this (default: all).
+    /// Only the scenarios whose name contains this (default: all; the batch rows are named
+    /// "Message Batches").
     #[arg(long)]
     only: Option<String>,
     /// Print JSON lines instead of tables.
@@ -107,6 +113,14 @@ fn main() {
         &args,
     );
 
+    let batch_rows = args
+        .only
+        .as_deref()
+        .is_none_or(|only| "Message Batches".contains(only));
+    if args.batch_requests > 0 && batch_rows {
+        batching(&args);
+    }
+
     if args.http_requests == 0 {
         return;
     }
@@ -164,6 +178,40 @@ fn main() {
         deadline,
         "real limits",
     );
+}
+
+/// The RPM-bound burst through the Messages path and through the batch path, in process under
+/// paused time; prints a table.
+fn batching(args: &Args) {
+    let mut scenario = Scenario::all(args.batch_requests)
+        .into_iter()
+        .find(|s| s.name == "RPM-bound")
+        .expect("the RPM-bound scenario");
+    // The batch endpoints' own limit: 50 calls a minute, as at Anthropic's first tier.
+    scenario.sim.batch_rpm = Some(50);
+    println!(
+        "## The Message Batches path: in process, virtual time ({} requests, RPM-bound, seed {})\n",
+        args.batch_requests, args.seed
+    );
+    let mut cells = Vec::new();
+    for via_batch in [false, true] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        let cell = rt.block_on(batch::run(&scenario, via_batch, args.tasks, args.seed));
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"mode": "in-process", "scenario": "batching", "cell": cell})
+            );
+        }
+        cells.push(cell);
+    }
+    if !args.json {
+        println!("{}", batch::table(&cells));
+    }
 }
 
 /// Every strategy in each of `scenarios` against the simulator served on a loopback port; prints
