@@ -261,3 +261,32 @@ async fn polls_never_come_before_the_retry_after_of_the_batch_endpoints() {
     assert!(counts.refused >= 1, "the limit was never met: {counts:?}");
     assert_eq!(counts.early, 0, "{counts:?}");
 }
+
+/// The batch endpoints are a rate-limit pool of their own: their 429 (and its `retry-after`)
+/// pauses the batch calls of the key, never its Messages calls.
+#[tokio::test(start_paused = true)]
+async fn a_429_of_the_batch_endpoints_does_not_pause_the_keys_messages_calls() {
+    let mut cfg = SimConfig::new(tower_quota_sim::Limits::new(50, 30_000, 8_000));
+    cfg.batch_rps = 1.0 / 600.0;
+    cfg.batch_rpm = Some(1); // one call a minute: the first poll meets a 429 of about a minute
+    let sim = Simulator::new(cfg);
+    let layer = BatchLayer::new();
+    let api = stack(layer.clone(), &sim);
+    let mut deferred = request(8);
+    deferred.extensions_mut().insert(Deferrable);
+    let pending = tokio::spawn(api.clone().oneshot(deferred));
+    let start = Instant::now();
+    while sim.batch_calls().refused == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no 429 met");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = Instant::now();
+    let res = api.clone().oneshot(request(8)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "a Messages call waited {:?} behind the batch endpoints' 429",
+        sent.elapsed()
+    );
+    pending.abort();
+}

@@ -47,7 +47,7 @@
 //! ```
 
 use crate::classify::{Classification, Classify, DefaultClassifier};
-use crate::partition::{ApiKey, PartitionKey, Partitioner};
+use crate::partition::{ApiKey, PartitionKey, Partitioner, Pool};
 use crate::signals::{Signals, SystemClock, WallClock};
 use crate::wire::WireMark;
 use http::{Request, Response};
@@ -126,7 +126,7 @@ impl QuotaContext {
         if let Some(key) = self.cached_partition(req) {
             return key;
         }
-        let key = self.partitioner.partition(req.headers(), req.extensions());
+        let key = self.partition_of(req);
         req.extensions_mut()
             .get_or_insert_default::<Stamp>()
             .partition = Some((identity(&self.partitioner), key));
@@ -144,7 +144,14 @@ impl QuotaContext {
     /// read it and the cache would cost an allocation per request.
     pub(crate) fn partition_here<B>(&self, req: &Request<B>) -> PartitionKey {
         self.cached_partition(req)
-            .unwrap_or_else(|| self.partitioner.partition(req.headers(), req.extensions()))
+            .unwrap_or_else(|| self.partition_of(req))
+    }
+
+    /// The partitioner's key for `req`, in the pool of its path.
+    fn partition_of<B>(&self, req: &Request<B>) -> PartitionKey {
+        self.partitioner
+            .partition(req.headers(), req.extensions())
+            .in_pool(Pool::of_path(req.uri().path()))
     }
 
     /// The judgement of `res`. Not cached: a classifier is a pure function of the status and

@@ -65,6 +65,22 @@ impl PartitionKey {
         PartitionKey(n as u128)
     }
 
+    /// The partition of this key's requests to `pool`: the key itself for
+    /// [`Pool::Messages`], a partition derived from it for the others (odd, like every
+    /// fingerprint, so never [`ANONYMOUS`](Self::ANONYMOUS) or [`GLOBAL`](Self::GLOBAL)). The
+    /// context applies it to every request ([`Pool::of_path`]): each layer then keeps the pools
+    /// of one key apart.
+    pub const fn in_pool(self, pool: Pool) -> PartitionKey {
+        // Constants of no meaning (the fractional digits of pi and e): a derived partition
+        // looks as random as the fingerprint it comes from.
+        let salt: u128 = match pool {
+            Pool::Messages => return self,
+            Pool::Batches => 0x243f_6a88_85a3_08d3_1319_8a2e_0370_7344,
+            Pool::CountTokens => 0xb7e1_5162_8aed_2a6a_bf71_5880_9cf4_f3c7,
+        };
+        PartitionKey((self.0 ^ salt) | 1)
+    }
+
     /// The fingerprint as a number (safe to log: it is not the key).
     pub const fn as_u128(self) -> u128 {
         self.0
@@ -80,6 +96,35 @@ impl fmt::Debug for PartitionKey {
 impl fmt::Display for PartitionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
+    }
+}
+
+/// A rate-limit pool of an API key. Anthropic counts the Messages API, the Message Batches
+/// endpoints and the token-counting endpoint apart: a 429 from one says nothing of the others,
+/// and the limits in one's headers are not the others'. Every layer keys its state by
+/// [`PartitionKey::in_pool`] of the request's pool, so a batch poll's 429 pauses the key's batch
+/// calls and never its Messages calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Pool {
+    /// `/v1/messages` and every other path: the requests, input and output tokens a minute.
+    Messages,
+    /// `/v1/messages/batches` and the paths under it.
+    Batches,
+    /// `/v1/messages/count_tokens`.
+    CountTokens,
+}
+
+impl Pool {
+    /// The pool of a request to `path`.
+    pub fn of_path(path: &str) -> Pool {
+        if path.ends_with("/messages/count_tokens") {
+            Pool::CountTokens
+        } else if path.contains("/messages/batches") {
+            Pool::Batches
+        } else {
+            Pool::Messages
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use super::window::{Verdict, model_of};
 use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
 use crate::body::InMemoryBody;
+use crate::partition::Pool;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -60,7 +61,7 @@ where
             Some(c) => *c,
             // The Message Batches and token-counting endpoints have limits of their own: their
             // calls spend nothing of the Messages buckets.
-            None if own_pool(req.uri().path()) => Cost::default(),
+            None if Pool::of_path(req.uri().path()) != Pool::Messages => Cost::default(),
             None => {
                 let body = req.body().body_bytes();
                 shared
@@ -106,9 +107,4 @@ where
             span,
         )
     }
-}
-
-/// Whether `path` is an endpoint with rate limits apart from the Messages buckets.
-fn own_pool(path: &str) -> bool {
-    path.contains("/messages/batches") || path.ends_with("/messages/count_tokens")
 }
