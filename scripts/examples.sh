@@ -69,4 +69,4 @@ echo "$out" | tail -1
 echo "--- goodput benchmark (short, in process)"
 $bin/goodput --requests 300 --batch-requests 2000 --http-requests 0 > target/goodput-short.md
 head -14 target/goodput-short.md
-grep -A4 '^## The Message Batches path' target/goodput-short.md
+grep -A6 '^## The Message Batches path' target/goodput-short.md
