@@ -50,8 +50,9 @@ pin_project! {
         probe: bool,
         probe_until: Instant,
         not_sent: Option<NotSent>,
-        // The request's GenAI span (disabled unless a subscriber wants it).
-        span: tracing::Span,
+        // The request's GenAI span, boxed when a subscriber wants it (a waiter holds 8 bytes
+        // for it, not 40).
+        span: Option<Box<tracing::Span>>,
         #[pin]
         state: State<S::Future, Request<B>>,
     }
@@ -142,7 +143,7 @@ where
             // The arrival until admission (the wait it measures), then a probe's deadline.
             probe_until: Instant::now(),
             not_sent: None,
-            span,
+            span: (!span.is_disabled()).then(|| Box::new(span)),
             state: State::Holding { req: Some(req) },
         }
     }
@@ -201,7 +202,7 @@ where
                 StateProj::Holding { req } => req,
                 StateProj::Calling { fut } => {
                     let polled = {
-                        let _entered = this.span.enter();
+                        let _entered = this.span.as_ref().map(|s| s.enter());
                         fut.poll(cx)
                     };
                     let result = match polled {
@@ -355,7 +356,10 @@ where
                                 *this.cost,
                                 charged,
                                 this.own.clone(),
-                                this.span.clone(),
+                                this.span
+                                    .as_deref()
+                                    .cloned()
+                                    .unwrap_or_else(tracing::Span::none),
                             );
                             if let Some(req) = req.as_mut() {
                                 crate::wire::mark(req.extensions_mut(), handle.wire_mark());
@@ -420,7 +424,7 @@ where
                         n.handed_on();
                     }
                     let fut = {
-                        let _entered = this.span.enter();
+                        let _entered = this.span.as_ref().map(|s| s.enter());
                         this.svc.call(req)
                     };
                     this.state.set(State::Calling { fut });

@@ -25,7 +25,6 @@ pin_project! {
         svc: S,
         shared: Arc<Shared>,
         slots: Option<Slots>,
-        sent_at: Option<Instant>,
         // Every slot held, waiting for the inner service.
         acquired: bool,
         #[pin]
@@ -51,7 +50,6 @@ where
             svc,
             shared,
             slots: Some(slots),
-            sent_at: None,
             acquired: false,
             state: State::Holding { req: Some(req) },
         }
@@ -95,8 +93,9 @@ where
                     ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("request sent once");
                     crate::wire::sent(req.extensions());
-                    if this.slots.as_ref().and_then(Slots::own).is_some() {
-                        *this.sent_at = Some(Instant::now());
+                    // The send time is kept with the slots (it goes on to the body's end).
+                    if let Some(slots) = this.slots.as_mut().filter(|s| s.own().is_some()) {
+                        slots.sent(Instant::now());
                     }
                     let fut = this.svc.call(req);
                     this.state.set(State::Calling { fut });
@@ -104,7 +103,7 @@ where
                 StateProj::Calling { fut } => {
                     let result: Result<_, BoxError> = ready!(fut.poll(cx)).map_err(Into::into);
                     let slots = this.slots.take().expect("slots handed over once");
-                    if let (Some(own), Some(sent_at)) = (slots.own(), *this.sent_at) {
+                    if let (Some(own), Some(sent_at)) = (slots.own(), slots.sent_at()) {
                         let now = Instant::now();
                         let rtt = now.saturating_duration_since(sent_at);
                         own.round_trip(rtt);
@@ -119,10 +118,7 @@ where
                             own.observe_at(outcome, saturated, now);
                         }
                     }
-                    let mut permit = slots.into_permit();
-                    if let Some(at) = *this.sent_at {
-                        permit.sent(at);
-                    }
+                    let permit = slots.into_permit();
                     return Poll::Ready(match result {
                         Ok(res) => Ok(res.map(|b| ConcurrencyBody::new(b, permit))),
                         Err(e) => Err(e),

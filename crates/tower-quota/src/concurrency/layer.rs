@@ -33,6 +33,11 @@ impl Permit {
         self.sent_at = Some(at);
     }
 
+    /// When the request was sent, if it was.
+    pub(crate) fn sent_at(&self) -> Option<tokio::time::Instant> {
+        self.sent_at
+    }
+
     /// Its response body ended: the round trip from the send to the body's end is recorded.
     pub(crate) fn body_ended(&self) {
         if let (Some(own), Some(at)) = (self.own(), self.sent_at) {

@@ -118,6 +118,16 @@ impl Slots {
     }
 
     /// The slots held, for the response body.
+    /// The request was sent at `at`.
+    pub(crate) fn sent(&mut self, at: tokio::time::Instant) {
+        self.permit.sent(at);
+    }
+
+    /// When the request was sent, if it was.
+    pub(crate) fn sent_at(&self) -> Option<tokio::time::Instant> {
+        self.permit.sent_at()
+    }
+
     pub(crate) fn into_permit(self) -> Permit {
         self.permit
     }
