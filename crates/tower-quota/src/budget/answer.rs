@@ -3,8 +3,8 @@
 
 use super::Bucket;
 use super::body::BudgetBody;
-use super::layer::{Queue, Shared};
 use super::reservation::{NotSent, ReservationHandle, drive};
+use super::shared::{Queue, Shared};
 use super::store::Learned;
 use crate::BoxError;
 use crate::classify::{Outcome, TransportKind};

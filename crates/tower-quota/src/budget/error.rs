@@ -127,3 +127,114 @@ impl fmt::Display for BudgetError {
 }
 
 impl std::error::Error for BudgetError {}
+
+/// A request too long for its model's context window: found by the budget before sending
+/// ([`is_from_server`](Self::is_from_server) false), or read from the server's 400
+/// ([`from_error_body`](Self::from_error_body)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContextWindowError {
+    pub(super) model: Option<String>,
+    pub(super) input: u64,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) window: u64,
+    pub(super) from_server: bool,
+    pub(super) counted: bool,
+}
+
+impl ContextWindowError {
+    /// Reads the body of the server's 400 `invalid_request_error`: "prompt is too long: N
+    /// tokens > M maximum", or "input length and `max_tokens` exceed context limit: N + T > M,
+    /// ...": `Some` with the numbers when the body says either, `None` for any other body.
+    pub fn from_error_body(body: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            error: Inner<'a>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner<'a> {
+            #[serde(borrow)]
+            message: std::borrow::Cow<'a, str>,
+        }
+        let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
+        let message = envelope.error.message;
+        let number = |s: &str| s.trim().parse::<u64>().ok();
+        let (input, max_tokens, window) =
+            if let Some(rest) = message.strip_prefix("prompt is too long: ") {
+                let (tokens, rest) = rest.split_once(" tokens > ")?;
+                (
+                    number(tokens)?,
+                    None,
+                    number(rest.strip_suffix(" maximum")?)?,
+                )
+            } else {
+                let rest =
+                    message.strip_prefix("input length and `max_tokens` exceed context limit: ")?;
+                let (input, rest) = rest.split_once(" + ")?;
+                let (max_tokens, rest) = rest.split_once(" > ")?;
+                let window = rest.split(',').next()?;
+                (number(input)?, Some(number(max_tokens)?), number(window)?)
+            };
+        Some(Self {
+            model: None,
+            input,
+            max_tokens,
+            window,
+            from_server: true,
+            counted: false,
+        })
+    }
+
+    /// The request's input tokens: the budget's estimate, or the server's count.
+    pub fn input_tokens(&self) -> u64 {
+        self.input
+    }
+
+    /// The request's `max_tokens`, when the budget found the error.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    /// The window it exceeded, in tokens.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The model named in the request, when the budget read it.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the server said so (its 400), rather than the budget's estimate.
+    pub fn is_from_server(&self) -> bool {
+        self.from_server
+    }
+
+    /// Whether the input tokens are an exact count (`count_tokens`), not an estimate.
+    pub fn is_counted(&self) -> bool {
+        self.counted || self.from_server
+    }
+}
+
+impl fmt::Display for ContextWindowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let model = self.model.as_deref().unwrap_or("the model");
+        match (self.from_server, self.max_tokens) {
+            (false, Some(max)) => write!(
+                f,
+                "request of {}{} input tokens plus max_tokens {max} exceeds the context \
+                 window of {} tokens of {model}",
+                if self.counted { "" } else { "about " },
+                self.input,
+                self.window
+            ),
+            _ => write!(
+                f,
+                "prompt of {} tokens exceeds the context window of {} tokens",
+                self.input, self.window
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ContextWindowError {}

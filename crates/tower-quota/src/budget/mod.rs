@@ -112,6 +112,7 @@ mod infer;
 mod layer;
 mod reservation;
 mod service;
+mod shared;
 pub mod store;
 pub mod window;
 

@@ -1,5 +1,5 @@
 use super::Cost;
-use super::layer::Queue;
+use super::shared::Queue;
 use super::store::{BudgetStore, Charged, Delta};
 use crate::partition::PartitionKey;
 use crate::wire::{self, WireCell, WireMark};

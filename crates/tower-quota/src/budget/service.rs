@@ -1,6 +1,6 @@
 use super::body::BudgetBody;
 use super::future::ResponseFuture;
-use super::layer::Shared;
+use super::shared::Shared;
 use super::window::{Verdict, model_of};
 use super::{Cost, Limits, TokenBudgetLayer};
 use crate::BoxError;
