@@ -53,7 +53,7 @@ use crate::wire::WireMark;
 use http::{Request, Response};
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The partitioner, classifier and wall clock a stack's layers share. Cheap to clone (three
 /// `Arc`s). See the [module docs](self).
@@ -95,11 +95,17 @@ impl QuotaContext {
     /// the key), judges by the [`DefaultClassifier`] (what the official SDKs retry), and reads the
     /// system clock for HTTP-dates when a response has no `Date` header.
     pub fn new() -> Self {
-        Self {
-            partitioner: Arc::new(ApiKey::new()),
-            classifier: Arc::new(DefaultClassifier),
-            wall: Arc::new(SystemClock),
-        }
+        // One default of each, shared by every default context: layers built each with its own
+        // default context still share the cached partition of a request (the cache is keyed by
+        // the partitioner's identity), so the key's fingerprint is computed once per request.
+        static DEFAULTS: OnceLock<QuotaContext> = OnceLock::new();
+        DEFAULTS
+            .get_or_init(|| Self {
+                partitioner: Arc::new(ApiKey::new()),
+                classifier: Arc::new(DefaultClassifier),
+                wall: Arc::new(SystemClock),
+            })
+            .clone()
     }
 
     /// How requests map to partitions.

@@ -48,7 +48,7 @@ pin_project! {
         phase: Phase,
         queued: bool,
         probe: bool,
-        probe_until: Instant,
+        probe_until: Option<Instant>,
         not_sent: Option<NotSent>,
         // The request's GenAI span, boxed when a subscriber wants it (a waiter holds 8 bytes
         // for it, not 40).
@@ -140,8 +140,9 @@ where
             phase,
             queued,
             probe: false,
-            // The arrival until admission (the wait it measures), then a probe's deadline.
-            probe_until: Instant::now(),
+            // Until admission, when the request first had to wait (none: admitted at its first
+            // poll, no clock read); after, a probe's deadline.
+            probe_until: None,
             not_sent: None,
             span: (!span.is_disabled()).then(|| Box::new(span)),
             state: State::Holding { req: Some(req) },
@@ -195,7 +196,28 @@ where
 {
     type Output = Result<Response<BudgetBody<ResB>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled = self.as_mut().step(cx);
+        if polled.is_pending() {
+            let this = self.project();
+            // Waiting in the queue: the wait is measured from here.
+            if *this.queued && this.probe_until.is_none() {
+                *this.probe_until = Some(Instant::now());
+            }
+        }
+        polled
+    }
+}
+
+impl<S, B, ResB> ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    fn step(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<BudgetBody<ResB>>, BoxError>> {
         let mut this = self.project();
         loop {
             let req = match this.state.as_mut().project() {
@@ -210,7 +232,7 @@ where
                         Poll::Pending => {
                             if *this.probe {
                                 // A probe holds its partition's queue for a bounded time only.
-                                let until = *this.probe_until;
+                                let until = this.probe_until.expect("a probe's deadline");
                                 ready!(crate::util::sleep_until(this.sleep, until, cx));
                                 *this.probe = false;
                                 this.own.probed.store(true, Ordering::SeqCst);
@@ -333,9 +355,10 @@ where
                             shared.queued.fetch_sub(1, Ordering::SeqCst);
                             this.own.waiting.fetch_sub(1, Ordering::SeqCst);
                             shared.admitted.fetch_add(1, Ordering::Relaxed);
-                            // `probe_until` still holds the arrival here (see `new`).
-                            let now = Instant::now();
-                            let waited = now.saturating_duration_since(*this.probe_until);
+                            // `probe_until` holds when it started waiting, if it did (see `new`).
+                            let waited = this.probe_until.take().map_or(Duration::ZERO, |at| {
+                                Instant::now().saturating_duration_since(at)
+                            });
                             this.own.metrics.waiting.decrement(1.0);
                             this.own.metrics.admitted(*this.cost, waited);
                             *this.global_turn = None;
@@ -345,8 +368,9 @@ where
                             // blind.
                             *this.probe = this.turn.is_some() && shared.probe_due(this.own);
                             if *this.probe {
+                                let now = Instant::now();
                                 *this.probe_until =
-                                    now.checked_add(shared.max_probe).unwrap_or(now);
+                                    Some(now.checked_add(shared.max_probe).unwrap_or(now));
                             } else {
                                 *this.turn = None;
                             }
