@@ -191,10 +191,7 @@ impl<S> Layer<S> for BatchLayer {
     type Service = Batch<S>;
 
     fn layer(&self, inner: S) -> Batch<S> {
-        Batch {
-            inner,
-            shared: self.shared.clone(),
-        }
+        Batch::new(inner, self.shared.clone())
     }
 }
 
@@ -254,11 +251,12 @@ impl fmt::Debug for BatchHandle {
 }
 
 /// The service of [`BatchLayer`].
-#[derive(Clone)]
 pub struct Batch<S> {
     inner: S,
     shared: Arc<Shared>,
 }
+
+inner_service!(Batch);
 
 impl<S: fmt::Debug> fmt::Debug for Batch<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

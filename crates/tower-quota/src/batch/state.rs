@@ -34,7 +34,7 @@ pub(super) struct Stats {
     pub(super) canceled: AtomicU64,
 }
 
-pub(super) struct Shared {
+pub(crate) struct Shared {
     pub(super) config: Config,
     pub(super) groups: Arc<Groups<Group>>,
     /// Numbers the requests' `custom_id`s.

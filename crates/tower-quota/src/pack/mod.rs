@@ -259,10 +259,7 @@ impl<S> Layer<S> for PackLayer {
     type Service = Pack<S>;
 
     fn layer(&self, inner: S) -> Pack<S> {
-        Pack {
-            inner,
-            shared: self.shared.clone(),
-        }
+        Pack::new(inner, self.shared.clone())
     }
 }
 
@@ -306,11 +303,12 @@ impl fmt::Debug for PackHandle {
 }
 
 /// The service of [`PackLayer`].
-#[derive(Clone)]
 pub struct Pack<S> {
     inner: S,
     shared: Arc<Shared>,
 }
+
+inner_service!(Pack);
 
 impl<S: fmt::Debug> fmt::Debug for Pack<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

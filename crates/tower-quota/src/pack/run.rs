@@ -20,7 +20,7 @@ pub(super) struct Stats {
     pub(super) resent_alone: AtomicU64,
 }
 
-pub(super) struct Shared {
+pub(crate) struct Shared {
     pub(super) config: Config,
     pub(super) groups: Arc<Groups<Group>>,
     pub(super) stats: Stats,
