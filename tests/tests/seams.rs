@@ -424,6 +424,72 @@ fn an_absurd_gate_jitter_is_refused_when_the_layer_is_built() {
     let _ = RetryAfterLayer::new().jitter(Duration::MAX);
 }
 
+/// One rule for settings out of range: a panic when the layer is built, never a silent clamp.
+mod settings_out_of_range {
+    use tower_quota::batch::BatchLayer;
+    use tower_quota::budget::{CountTokens, MemoryStore, TokenBudgetLayer};
+    use tower_quota::concurrency::ConcurrencyLimitLayer;
+    use tower_quota::pack::PackLayer;
+
+    #[test]
+    #[should_panic(expected = "0 partitions")]
+    fn a_budget_tracking_no_partition() {
+        let _ = TokenBudgetLayer::new(tower_quota::budget::Limits::new()).max_partitions(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "0 partitions")]
+    fn a_store_tracking_no_partition() {
+        let _ = MemoryStore::new(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "0 partitions")]
+    fn a_concurrency_limit_tracking_no_partition() {
+        let _ = ConcurrencyLimitLayer::fixed(1).per_partition(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "at least one item")]
+    fn a_pack_of_no_item() {
+        let _ = PackLayer::new().max_items(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "1 to 100000 requests")]
+    fn a_batch_over_the_apis_bound() {
+        let _ = BatchLayer::new().max_requests(100_001);
+    }
+
+    #[test]
+    #[should_panic(expected = "bytes")]
+    fn a_batch_of_no_byte() {
+        let _ = BatchLayer::new().max_bytes(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "within [0, 1]")]
+    fn a_count_tokens_margin_that_is_not_a_share() {
+        let counter = tower::service_fn(
+            |_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+                Ok::<_, std::io::Error>(http::Response::new(
+                    http_body_util::Full::<bytes::Bytes>::default(),
+                ))
+            },
+        );
+        let _ = CountTokens::via(counter).margin(f64::NAN);
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let _ = BatchLayer::new()
+            .max_requests(BatchLayer::API_MAX_REQUESTS)
+            .max_bytes(BatchLayer::API_MAX_BYTES);
+        let _ = PackLayer::new().max_items(1);
+        let _ = MemoryStore::new(1);
+    }
+}
+
 /// Issue 10, finding 6: a server's absurd usage is clamped, never wrapped into a refund.
 #[tokio::test(start_paused = true)]
 async fn an_absurd_usage_is_charged_not_refunded() {

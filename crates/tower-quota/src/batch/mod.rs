@@ -164,14 +164,34 @@ impl BatchLayer {
         self.with(|c| c.all = on)
     }
 
-    /// At most `n` requests a batch (1 to 100 000).
+    /// At most `n` requests a batch.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0 or over [`API_MAX_REQUESTS`](Self::API_MAX_REQUESTS) (the API refuses such
+    /// a batch).
     pub fn max_requests(self, n: usize) -> Self {
-        self.with(|c| c.max_requests = n.clamp(1, Self::API_MAX_REQUESTS))
+        assert!(
+            (1..=Self::API_MAX_REQUESTS).contains(&n),
+            "a batch holds 1 to {} requests: {n}",
+            Self::API_MAX_REQUESTS
+        );
+        self.with(|c| c.max_requests = n)
     }
 
-    /// At most `n` bytes of requests a batch (up to 256 MB).
+    /// At most `n` bytes of requests a batch.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0 or over [`API_MAX_BYTES`](Self::API_MAX_BYTES) (the API refuses such a
+    /// batch).
     pub fn max_bytes(self, n: usize) -> Self {
-        self.with(|c| c.max_bytes = n.clamp(1, Self::API_MAX_BYTES))
+        assert!(
+            (1..=Self::API_MAX_BYTES).contains(&n),
+            "a batch holds 1 to {} bytes: {n}",
+            Self::API_MAX_BYTES
+        );
+        self.with(|c| c.max_bytes = n)
     }
 
     /// How long a batch waits for more requests after its first.

@@ -207,8 +207,13 @@ impl TokenBudgetLayer {
     }
 
     /// The bound on partitions whose queues are tracked (the store has its own bound).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0 (no request could be queued).
     pub fn max_partitions(self, n: usize) -> Self {
-        self.with(|c| c.max_partitions = n.max(1))
+        assert!(n > 0, "a budget tracking 0 partitions queues nothing");
+        self.with(|c| c.max_partitions = n)
     }
 
     /// A read-only view of the layer's live state.

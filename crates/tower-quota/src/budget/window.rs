@@ -270,8 +270,16 @@ impl CountTokens {
 
     /// How near the window an estimate must land to be counted, as a share of the window, on
     /// either side (default 0.1).
+    ///
+    /// # Panics
+    ///
+    /// If `margin` is not within `[0, 1]` (a NaN included).
     pub fn margin(mut self, margin: f64) -> Self {
-        self.margin = margin.clamp(0.0, 1.0);
+        assert!(
+            (0.0..=1.0).contains(&margin),
+            "a count-tokens margin is a share of the window, within [0, 1]: {margin}"
+        );
+        self.margin = margin;
         self
     }
 }

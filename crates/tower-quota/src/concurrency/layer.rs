@@ -258,8 +258,16 @@ impl ConcurrencyLimitLayer {
     /// policy on its own, at most `max_partitions` tracked at once (idle ones beyond are forgotten).
     ///
     /// Builder methods start fresh shared state: configure the layer before you clone it.
+    ///
+    /// # Panics
+    ///
+    /// If `max_partitions` is 0 (no request could take a slot).
     pub fn per_partition(self, max_partitions: usize) -> Self {
-        self.with(|c| c.per_partition = Some(max_partitions.max(1)))
+        assert!(
+            max_partitions > 0,
+            "a limit tracking 0 partitions admits nothing"
+        );
+        self.with(|c| c.per_partition = Some(max_partitions))
     }
 
     /// A fixed cap across all partitions, on top of each partition's own limit.

@@ -221,9 +221,14 @@ impl PackLayer {
         self.with(|c| c.all = on)
     }
 
-    /// At most `n` items a pack (at least 1).
+    /// At most `n` items a pack.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0 (a pack holds at least one prompt).
     pub fn max_items(self, n: usize) -> Self {
-        self.with(|c| c.max_items = n.max(1))
+        assert!(n > 0, "a pack holds at least one item");
+        self.with(|c| c.max_items = n)
     }
 
     /// At most `n` estimated input tokens of prompts a pack.

@@ -52,10 +52,18 @@ impl MemoryStore {
     pub const DEFAULT_MAX_PARTITIONS: usize = 10_000;
 
     /// A store tracking at most `max_partitions` partitions (idle ones beyond are evicted).
+    ///
+    /// # Panics
+    ///
+    /// If `max_partitions` is 0 (no request could ever reserve).
     pub fn new(max_partitions: usize) -> Self {
+        assert!(
+            max_partitions > 0,
+            "a store tracking 0 partitions admits nothing"
+        );
         Self {
             partitions: Mutex::new(Partitions::default()),
-            max_partitions: max_partitions.max(1),
+            max_partitions,
             start_empty: false,
         }
     }
@@ -63,6 +71,10 @@ impl MemoryStore {
     /// A store whose partitions start with empty buckets, refilling at their rate: for a
     /// fallback that takes over from a shared store (`tower-quota-redis`), so the switch hands no
     /// process a fresh burst the fleet has already spent.
+    ///
+    /// # Panics
+    ///
+    /// If `max_partitions` is 0, as [`new`](Self::new).
     pub fn starting_empty(max_partitions: usize) -> Self {
         Self {
             start_empty: true,
