@@ -323,11 +323,7 @@ impl Simulator {
 
     /// Calls to the Message Batches endpoints so far, and the requests received in batches.
     pub fn batch_calls(&self) -> crate::batch::BatchCalls {
-        self.shared
-            .batches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .calls
+        self.batch_state().calls
     }
 
     /// The caller's API key, or the 401 for a request without one (the endpoints outside the
