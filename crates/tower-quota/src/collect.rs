@@ -2,14 +2,51 @@
 //! requests gathered into groups by key, each group sent by a task of its own after a window from
 //! its first request, or at once when it is full.
 
+use crate::BoxError;
+use crate::pack::PackInner;
 use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+
+/// Where a collected request's answer goes: the response its caller receives, or the error.
+pub(crate) type Answer = oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>;
+
+/// The future of a collecting layer's service: the inner body for a request sent as it was,
+/// the answer's bytes for one answered from a collected call.
+pub(crate) type CollectFuture<ResB> =
+    Pin<Box<dyn Future<Output = Result<Response<Either<ResB, Full<Bytes>>>, BoxError>> + Send>>;
+
+/// A request the layer does not collect: sent as it is.
+pub(crate) fn pass<S: PackInner<B>, B: Send + 'static>(
+    inner: S,
+    req: Request<B>,
+) -> CollectFuture<S::ResB> {
+    Box::pin(async move {
+        let res = inner.oneshot(req).await.map_err(Into::into)?;
+        Ok(res.map(Either::Left))
+    })
+}
+
+/// A collected request: its answer's channel, and the future that waits on the other end (with
+/// `abandoned` when the answer's sender is dropped unanswered).
+pub(crate) fn answer_later<ResB: 'static>(
+    abandoned: fn() -> BoxError,
+) -> (Answer, CollectFuture<ResB>) {
+    let (tx, rx) = oneshot::channel();
+    let fut = Box::pin(async move {
+        let res: Response<Full<Bytes>> = rx.await.map_err(|_| abandoned())??;
+        Ok(res.map(Either::Right))
+    });
+    (tx, fut)
+}
 
 /// Open groups by key, each with the generation it was opened as (so a window's timer never takes
 /// a later group of the same key).

@@ -60,21 +60,18 @@
 //! submit and read steps are the two functions to add when the simulator learns it.
 
 use crate::BoxError;
-use crate::collect::Groups;
+use crate::collect::{self, Groups};
 use crate::pack::{PackInner, PackRequestBody};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use serde_json::Value;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 /// Marks a request as deferrable (a request extension): it may be answered through a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -285,8 +282,7 @@ impl<S: fmt::Debug> fmt::Debug for Batch<S> {
 }
 
 /// The future of [`Batch`].
-pub type BatchFuture<ResB> =
-    Pin<Box<dyn Future<Output = Result<Response<BatchBody<ResB>>, BoxError>> + Send>>;
+pub type BatchFuture<ResB> = collect::CollectFuture<ResB>;
 
 impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Batch<S> {
     type Response = Response<BatchBody<S::ResB>>;
@@ -306,24 +302,21 @@ impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Batch<S> {
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
             .filter(Value::is_object);
         let Some(params) = params else {
-            return Box::pin(async move {
-                let res = inner.oneshot(req).await.map_err(Into::into)?;
-                Ok(res.map(Either::Left))
-            });
+            return collect::pass(inner, req);
         };
         if params.get("stream").and_then(Value::as_bool) == Some(true) {
             return Box::pin(async {
                 Err(Box::new(BatchError::new(Kind::Streaming, "")) as BoxError)
             });
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, answered) = collect::answer_later(|| {
+            Box::new(BatchError::new(
+                Kind::Failed,
+                "abandoned before it answered",
+            ))
+        });
         let (parts, _) = req.into_parts();
         self.shared.clone().add(inner, parts, params, tx);
-        Box::pin(async move {
-            let res = rx
-                .await
-                .map_err(|_| BatchError::new(Kind::Failed, "abandoned before it answered"))??;
-            Ok(res.map(Either::Right))
-        })
+        answered
     }
 }

@@ -2,17 +2,13 @@
 //! the batches in flight.
 
 use super::run::submit;
-use crate::BoxError;
 use crate::collect::Groups;
 use crate::pack::{PackInner, PackRequestBody};
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
+use http::Request;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 #[derive(Clone, Debug)]
 pub(super) struct Config {
@@ -88,7 +84,7 @@ pub struct BatchStatus {
     pub delivering: bool,
 }
 
-pub(super) type Answer = oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>;
+pub(super) use crate::collect::Answer;
 
 pub(super) struct Item {
     pub(super) custom_id: String,

@@ -95,13 +95,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use serde_json::{Map, Value, json};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tower::{Layer, Service, ServiceExt};
 
 /// Marks a request as packable (a request extension), when the layer does not pack every request
@@ -357,8 +354,7 @@ pub trait PackRequestBody: InMemoryBody + From<Bytes> + Send + 'static {}
 impl<B: InMemoryBody + From<Bytes> + Send + 'static> PackRequestBody for B {}
 
 /// The future of [`Pack`].
-pub type PackFuture<ResB> =
-    Pin<Box<dyn Future<Output = Result<Response<PackBody<ResB>>, BoxError>> + Send>>;
+pub type PackFuture<ResB> = collect::CollectFuture<ResB>;
 
 impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Pack<S> {
     type Response = Response<PackBody<S::ResB>>;
@@ -379,19 +375,13 @@ impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Pack<S> {
             None
         };
         let Some(prompt) = prompt.filter(|p| self.shared.fits_alone(p)) else {
-            return Box::pin(async move {
-                let res = inner.oneshot(req).await.map_err(Into::into)?;
-                Ok(res.map(Either::Left))
-            });
+            return collect::pass(inner, req);
         };
-        let (tx, rx) = oneshot::channel();
+        let (tx, answered) = collect::answer_later(|| {
+            Box::new(PackError::new("the pack was abandoned before it answered"))
+        });
         let (parts, _) = req.into_parts();
         self.shared.clone().add(inner, prompt, parts, tx);
-        Box::pin(async move {
-            let res = rx
-                .await
-                .map_err(|_| PackError::new("the pack was abandoned before it answered"))??;
-            Ok(res.map(Either::Right))
-        })
+        answered
     }
 }

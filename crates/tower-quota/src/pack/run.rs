@@ -43,7 +43,7 @@ pub(super) struct Item {
     pub(super) bytes: Bytes,
     pub(super) text: String,
     pub(super) input: u64,
-    pub(super) tx: oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>,
+    pub(super) tx: crate::collect::Answer,
 }
 
 /// A packable request, read.
@@ -162,7 +162,7 @@ impl Shared {
         inner: S,
         p: Prompt,
         parts: http::request::Parts,
-        tx: oneshot::Sender<Result<Response<Full<Bytes>>, BoxError>>,
+        tx: crate::collect::Answer,
     ) {
         let c = &self.config;
         let shared = self.clone();
