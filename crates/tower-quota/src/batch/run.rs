@@ -8,7 +8,7 @@ use super::state::{BatchStatus, RequestCounts};
 use crate::BoxError;
 use crate::collect;
 use crate::pack::{PackInner, PackRequestBody};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -254,8 +254,6 @@ async fn deliver<S: PackInner<B>, B: PackRequestBody>(
     }
 }
 
-use bytes::Buf as _;
-
 /// Answers the caller of one results line.
 fn answer(
     shared: &Shared,
@@ -267,17 +265,19 @@ fn answer(
     let Ok(v) = serde_json::from_slice::<Value>(line) else {
         return;
     };
-    let Some(tx) = v["custom_id"].as_str().and_then(|c| callers.remove(c)) else {
+    let Some((custom_id, tx)) = v["custom_id"]
+        .as_str()
+        .and_then(|c| callers.remove_entry(c))
+    else {
         return;
     };
-    let custom_id = v["custom_id"].as_str().unwrap_or_default().to_owned();
     let result = &v["result"];
     let (status, body) = match result["type"].as_str() {
-        Some("succeeded") => (StatusCode::OK, result["message"].clone()),
+        Some("succeeded") => (StatusCode::OK, &result["message"]),
         Some("errored") => {
             let error = &result["error"];
             let kind = error["error"]["type"].as_str().unwrap_or("api_error");
-            (status_of(kind), error.clone())
+            (status_of(kind), error)
         }
         Some("canceled") => {
             let _ = tx.send(Err(Box::new(BatchError::new(Kind::Canceled, ""))));
