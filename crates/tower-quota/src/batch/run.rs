@@ -174,11 +174,9 @@ async fn poll<S: PackInner<B>, B: PackRequestBody>(
         let Ok((parts, bytes)) = read(inner.clone(), req).await else {
             continue;
         };
-        let ctx = crate::signals::ParseContext::now(&crate::signals::SystemClock);
-        if let Some(after) = crate::signals::Signals::parse(&parts.headers, &ctx)
-            .hint()
-            .map(|h| h.delay)
-        {
+        let signals =
+            crate::signals::Signals::parse_now(&parts.headers, &crate::signals::SystemClock);
+        if let Some(after) = signals.hint().map(|h| h.delay) {
             // Never earlier than the endpoint asked.
             wait = wait.max(after);
         }
