@@ -266,3 +266,56 @@ async fn past_the_queue_bound_a_429_with_retry_after() {
     assert_eq!(proxy.budget.queued(), 0);
     upstream_server.shutdown().await;
 }
+
+/// Bad input from a caller: a body that is not JSON and a path the API does not have. Each gets
+/// the upstream's own answer (a 400 `invalid_request_error`, a 404 `not_found_error`), the
+/// reservation made for it is given back (the key's buckets read full again), no slot is held,
+/// and the proxy keeps serving.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_body_and_an_unknown_path_get_the_upstreams_answer_and_leak_nothing() {
+    let sim = Simulator::new(SimConfig::new(tower_quota_sim::Limits::unlimited()));
+    let upstream_server = tower_quota_sim::serve(sim, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut config = Config::new(upstream_server.base_url().parse().unwrap());
+    config.limits = tower_quota::budget::Limits::new().rpm(60).itpm(100_000);
+    let (base, proxy) = start(config).await;
+    let partition = tower_quota::partition::ApiKey::new().fingerprint(b"sk-proxy-test");
+
+    let malformed = http::Request::post(format!("{base}/v1/messages"))
+        .header("x-api-key", "sk-proxy-test")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"model\": \"claude-son")))
+        .unwrap();
+    let res = client().request(malformed).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(error_type(res).await, "invalid_request_error");
+
+    let unknown = http::Request::get(format!("{base}/v1/no-such-endpoint"))
+        .header("x-api-key", "sk-proxy-test")
+        .body(Full::default())
+        .unwrap();
+    let res = client().request(unknown).await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(error_type(res).await, "not_found_error");
+
+    assert_eq!(proxy.concurrency.in_flight(), 0);
+    assert_eq!(proxy.budget.queued(), 0);
+    let snapshot = proxy.budget.snapshot(partition).await.unwrap().unwrap();
+    for bucket in snapshot.buckets.iter().flatten() {
+        let (level, capacity) = *bucket;
+        assert!(
+            level >= capacity as f64 - 1e-6,
+            "a refused request kept its reservation: {snapshot:?}"
+        );
+    }
+    assert!(healthy(&base).await);
+    let res = client().request(messages(&base, false)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    // The control: an answered request keeps what it used.
+    let snapshot = proxy.budget.snapshot(partition).await.unwrap().unwrap();
+    let (level, capacity) = snapshot.buckets[0].unwrap();
+    assert!(level < capacity as f64 - 0.5, "{snapshot:?}");
+    upstream_server.shutdown().await;
+}
