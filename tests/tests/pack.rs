@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, ServiceBuilder, ServiceExt};
-use tower_quota::budget::{Limit, Limits};
+use tower_quota::budget::{ContextWindows, Limit, Limits};
 use tower_quota::pack::{PackLayer, Packed};
 use tower_quota::{Preset, ServiceBuilderExt};
 use tower_quota_sim::{MessagesRequest, PackFaults, SimConfig, Simulator, packed_answer};
@@ -202,6 +202,47 @@ fn three_prompts() -> Vec<http::Request<Full<Bytes>>> {
                 .unwrap()
         })
         .collect()
+}
+
+/// A pack asks for at most its model's largest `max_tokens` (summed over its prompts): with the
+/// table naming 64 for the model, three prompts of 32 make a pack of two and a prompt alone, and
+/// the server (which allows 64) refuses nothing. Without the table, the one pack of three is
+/// refused ("max_tokens: 96 > 64") and its prompts are re-sent alone.
+#[tokio::test(start_paused = true)]
+async fn a_pack_asks_for_at_most_its_models_largest_max_tokens() {
+    let run = |windows: Option<ContextWindows>| async move {
+        let mut cfg = SimConfig::new(tower_quota_sim::Limits::unlimited());
+        cfg.max_output_tokens = 64;
+        let sim = Simulator::new(cfg);
+        let mut pack = PackLayer::new().all(true);
+        if let Some(w) = windows {
+            pack = pack.context_windows(w);
+        }
+        let api = pack.layer(sim.clone());
+        let calls: Vec<_> = three_prompts()
+            .into_iter()
+            .map(|req| tokio::spawn(api.clone().oneshot(req)))
+            .collect();
+        for call in calls {
+            let res = call.await.unwrap().unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        (pack.handle(), sim.summary().total)
+    };
+    let table = ContextWindows::default().model_max_tokens("claude-sonnet-5-5", 64);
+    let (handle, total) = run(Some(table)).await;
+    assert_eq!(
+        (
+            handle.items_packed(),
+            handle.packed_calls(),
+            handle.resent_alone()
+        ),
+        (2, 1, 0)
+    );
+    assert_eq!((total.rejected, total.ok), (0, 2), "{total:?}");
+    let (handle, total) = run(None).await;
+    assert_eq!((handle.packed_calls(), handle.resent_alone()), (1, 3));
+    assert_eq!((total.rejected, total.ok), (1, 3), "{total:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -151,3 +151,57 @@ async fn count_tokens_decides_near_the_window_and_only_there() {
     // Neither refusal reached the Messages endpoint (count_tokens calls are not in the audit).
     assert_eq!(sim.summary().total.requests, sent);
 }
+
+/// A `max_tokens` over its model's largest (the table's) fails with a [`MaxTokensError`] before
+/// anything is reserved or sent; the server's own refusal of it (a 400 worded "max_tokens: N > M,
+/// which is the maximum allowed number of output tokens for MODEL") is not retried by the preset
+/// and reads as the same error.
+#[tokio::test(start_paused = true)]
+async fn a_max_tokens_over_the_models_largest_is_refused_before_sending_and_by_the_server() {
+    use tower_quota::budget::MaxTokensError;
+    let mut config = SimConfig::new(tower_quota_sim::Limits::unlimited());
+    config.max_output_tokens = 4_000;
+    let sim = Simulator::new(config);
+    let layer = TokenBudgetLayer::new(Limits::new().rpm(100))
+        .context_windows(ContextWindows::default().model_max_tokens("claude-sim", 4_000));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(sim.clone());
+    let res = svc.clone().oneshot(request(40, 4_000)).await.unwrap();
+    assert!(res.status().is_success());
+    let err = svc.oneshot(request(40, 4_001)).await.unwrap_err();
+    let err = err.downcast_ref::<MaxTokensError>().expect("typed");
+    assert_eq!(
+        (
+            err.model(),
+            err.max_tokens(),
+            err.limit(),
+            err.is_from_server()
+        ),
+        (Some("claude-sim"), 4_001, 4_000, false)
+    );
+    assert_eq!(
+        sim.summary().total.requests,
+        1,
+        "the refused one never sent"
+    );
+    assert_eq!(handle.admitted(), 1, "nothing reserved for the refused one");
+
+    // The server's refusal, through the preset with no table.
+    let svc = ServiceBuilder::new()
+        .quota_stack(Preset::anthropic(Limits::new()))
+        .service(sim.clone());
+    let res = svc.oneshot(request(40, 4_001)).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::BAD_REQUEST);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let err = MaxTokensError::from_error_body(&body).expect("max_tokens refused");
+    assert_eq!(
+        (
+            err.model(),
+            err.max_tokens(),
+            err.limit(),
+            err.is_from_server()
+        ),
+        (Some("claude-sim"), 4_001, 4_000, true)
+    );
+    assert_eq!(sim.summary().total.requests, 2, "never retried");
+}

@@ -62,6 +62,37 @@ fn text_chars(v: &Value) -> u64 {
     }
 }
 
+/// The real API's refusals of a request that cannot fit its model, as it words them (a 400
+/// `invalid_request_error`): `max_tokens` over the model's largest, the prompt alone over the
+/// context window, or the prompt and `max_tokens` together over it. `input`: the request's
+/// [`input_tokens`].
+pub(crate) fn refusal(
+    req: &MessagesRequest,
+    input: u64,
+    context_window: u64,
+    max_output_tokens: u64,
+) -> Option<String> {
+    if req.max_tokens > max_output_tokens {
+        Some(format!(
+            "max_tokens: {} > {max_output_tokens}, which is the maximum allowed number of output \
+             tokens for {}",
+            req.max_tokens, req.model
+        ))
+    } else if input > context_window {
+        Some(format!(
+            "prompt is too long: {input} tokens > {context_window} maximum"
+        ))
+    } else if input.saturating_add(req.max_tokens) > context_window {
+        Some(format!(
+            "input length and `max_tokens` exceed context limit: {input} + {} > \
+             {context_window}, decrease input length or `max_tokens` and try again",
+            req.max_tokens
+        ))
+    } else {
+        None
+    }
+}
+
 /// The simulator's deterministic input-token count: one token per 4 characters of text (rounded
 /// up), plus 4 per message and 3 for the request (the framing real tokenizers add).
 pub fn input_tokens(req: &MessagesRequest) -> u64 {

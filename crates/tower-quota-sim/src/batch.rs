@@ -195,6 +195,7 @@ fn valid_custom_id(id: &str) -> bool {
 pub(crate) struct Judge<'a> {
     pub(crate) output_fraction: f64,
     pub(crate) context_window: u64,
+    pub(crate) max_output_tokens: u64,
     pub(crate) batch_rps: f64,
     pub(crate) batch_queue: Option<u64>,
     pub(crate) seed: u64,
@@ -234,11 +235,8 @@ impl Batches {
             {
                 Some(Ok(req)) if !req.stream => {
                     let input = api::input_tokens(&req);
-                    if input.saturating_add(req.max_tokens) > j.context_window {
-                        let msg = format!(
-                            "input length and `max_tokens` exceed context limit: {input} + {} > {}",
-                            req.max_tokens, j.context_window
-                        );
+                    let refusal = api::refusal(&req, input, j.context_window, j.max_output_tokens);
+                    if let Some(msg) = refusal {
                         Judged::Errored(api::error_body("invalid_request_error", &msg))
                     } else {
                         let output = ((req.max_tokens as f64 * j.output_fraction).round() as u64)

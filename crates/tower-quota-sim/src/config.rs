@@ -147,6 +147,9 @@ pub struct SimConfig {
     pub output_fraction: f64,
     /// The context window: a prompt estimated above it gets a 400 (never retryable).
     pub context_window: u64,
+    /// The largest `max_tokens` a request may ask for: above it a 400, worded as the real API's
+    /// ("max_tokens: N > M, which is the maximum allowed number of output tokens for MODEL").
+    pub max_output_tokens: u64,
     /// Requests a minute to `POST /v1/messages/count_tokens` per key, a limit of its own apart
     /// from the Messages buckets (`None`: unlimited). Over it, a 429 with the wait announced in
     /// the `retry_after` style.
@@ -190,6 +193,7 @@ impl fmt::Debug for SimConfig {
             .field("per_output_token", &self.per_output_token)
             .field("output_fraction", &self.output_fraction)
             .field("context_window", &self.context_window)
+            .field("max_output_tokens", &self.max_output_tokens)
             .field("count_tokens_rpm", &self.count_tokens_rpm)
             .field("early_grace", &self.early_grace)
             .field("seed", &self.seed)
@@ -220,6 +224,7 @@ impl SimConfig {
             per_output_token: Duration::ZERO,
             output_fraction: 1.0,
             context_window: 200_000,
+            max_output_tokens: 128_000,
             count_tokens_rpm: None,
             early_grace: Duration::from_millis(100),
             seed: 0,

@@ -417,6 +417,7 @@ impl Simulator {
                 let judge = crate::batch::Judge {
                     output_fraction: cfg.output_fraction,
                     context_window: cfg.context_window,
+                    max_output_tokens: cfg.max_output_tokens,
                     batch_rps: cfg.batch_rps,
                     batch_queue: cfg.batch_queue,
                     seed: cfg.seed,
@@ -625,22 +626,7 @@ impl Simulator {
         let stream_error = req.stream && draw(faults.stream_error);
 
         let input = api::input_tokens(&req);
-        // The real API's two refusals: the prompt alone, or the prompt and `max_tokens`.
-        let too_long = if input > cfg.context_window {
-            Some(format!(
-                "prompt is too long: {input} tokens > {} maximum",
-                cfg.context_window
-            ))
-        } else if input.saturating_add(req.max_tokens) > cfg.context_window {
-            Some(format!(
-                "input length and `max_tokens` exceed context limit: {input} + {} > {}, \
-                 decrease input length or `max_tokens` and try again",
-                req.max_tokens, cfg.context_window
-            ))
-        } else {
-            None
-        };
-        if let Some(msg) = too_long {
+        if let Some(msg) = api::refusal(&req, input, cfg.context_window, cfg.max_output_tokens) {
             return reply(
                 record,
                 &mut st.audit,

@@ -21,7 +21,7 @@
 //! | name | kind | labels | recorded by | what |
 //! |---|---|---|---|---|
 //! | `tower_quota_budget_admitted_total` | counter | partition | budget | requests admitted |
-//! | `tower_quota_budget_refused_total` | counter | partition, reason | budget | requests refused at once: `queue_full`, `wait_too_long`, `too_large` (bigger than a bucket), `context_window` |
+//! | `tower_quota_budget_refused_total` | counter | partition, reason | budget | requests refused at once: `queue_full`, `wait_too_long`, `too_large` (bigger than a bucket), `context_window` (over the model's window or its largest `max_tokens`) |
 //! | `tower_quota_budget_waiting` | gauge | partition | budget | requests waiting for the budget now |
 //! | `tower_quota_budget_wait_seconds` | histogram | partition | budget | time from arrival to admission, per admitted request |
 //! | `tower_quota_tokens_reserved_total` | counter | partition, bucket | budget | units reserved at admission (`requests`, `input_tokens`, `output_tokens`, `tokens`) |

@@ -92,6 +92,9 @@ struct ServeArgs {
     /// Context window in tokens.
     #[arg(long, default_value_t = 200_000)]
     context_window: u64,
+    /// The largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 128_000)]
+    max_output_tokens: u64,
     /// Calls per minute per key to `POST /v1/messages/count_tokens` (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     count_tokens_rpm: u64,
@@ -164,6 +167,7 @@ impl ServeArgs {
             .with_early_grace(Duration::from_millis(self.grace_ms))
             .with_seed(self.seed);
         c.context_window = self.context_window;
+        c.max_output_tokens = self.max_output_tokens;
         c.count_tokens_rpm = (self.count_tokens_rpm > 0).then_some(self.count_tokens_rpm);
         c.batch_rps = self.batch_rps;
         c.batch_rpm = (self.batch_rpm > 0).then_some(self.batch_rpm);

@@ -146,18 +146,7 @@ impl ContextWindowError {
     /// tokens > M maximum", or "input length and `max_tokens` exceed context limit: N + T > M,
     /// ...": `Some` with the numbers when the body says either, `None` for any other body.
     pub fn from_error_body(body: &[u8]) -> Option<Self> {
-        #[derive(serde::Deserialize)]
-        struct Envelope<'a> {
-            #[serde(borrow)]
-            error: Inner<'a>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Inner<'a> {
-            #[serde(borrow)]
-            message: std::borrow::Cow<'a, str>,
-        }
-        let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
-        let message = envelope.error.message;
+        let message = error_message(body)?;
         let number = |s: &str| s.trim().parse::<u64>().ok();
         let (input, max_tokens, window) =
             if let Some(rest) = message.strip_prefix("prompt is too long: ") {
@@ -238,3 +227,86 @@ impl fmt::Display for ContextWindowError {
 }
 
 impl std::error::Error for ContextWindowError {}
+
+/// A request whose `max_tokens` is more than its model allows: found by the budget before
+/// sending ([`ContextWindows::model_max_tokens`](super::ContextWindows::model_max_tokens)), or
+/// read from the server's 400 ([`from_error_body`](Self::from_error_body)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaxTokensError {
+    pub(super) model: Option<String>,
+    pub(super) max_tokens: u64,
+    pub(super) limit: u64,
+    pub(super) from_server: bool,
+}
+
+impl MaxTokensError {
+    /// Reads the body of the server's 400 `invalid_request_error` "max_tokens: N > M, which is
+    /// the maximum allowed number of output tokens for MODEL": `Some` with the numbers and the
+    /// model when the body says so, `None` for any other body.
+    pub fn from_error_body(body: &[u8]) -> Option<Self> {
+        let message = error_message(body)?;
+        let rest = message.strip_prefix("max_tokens: ")?;
+        let (asked, rest) = rest.split_once(" > ")?;
+        let (limit, rest) = rest.split_once(',')?;
+        let model = rest
+            .trim()
+            .strip_prefix("which is the maximum allowed number of output tokens for ")
+            .map(|m| m.trim().to_owned());
+        Some(Self {
+            model,
+            max_tokens: asked.trim().parse().ok()?,
+            limit: limit.trim().parse().ok()?,
+            from_server: true,
+        })
+    }
+
+    /// The request's `max_tokens`.
+    pub fn max_tokens(&self) -> u64 {
+        self.max_tokens
+    }
+
+    /// The largest `max_tokens` its model allows.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The model named in the request, when known.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the server said so (its 400), rather than the budget's table.
+    pub fn is_from_server(&self) -> bool {
+        self.from_server
+    }
+}
+
+impl fmt::Display for MaxTokensError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "max_tokens {} exceeds the largest {} of {}",
+            self.max_tokens,
+            self.limit,
+            self.model.as_deref().unwrap_or("the model")
+        )
+    }
+}
+
+impl std::error::Error for MaxTokensError {}
+
+/// The `error.message` of an API error body.
+fn error_message(body: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        error: Inner<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(borrow)]
+        message: std::borrow::Cow<'a, str>,
+    }
+    let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
+    Some(envelope.error.message)
+}

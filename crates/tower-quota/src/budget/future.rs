@@ -7,7 +7,7 @@ use super::error::BudgetError;
 use super::reservation::{NotSent, ReservationHandle};
 use super::shared::{BLIND_HELD, BLIND_POLL, Queue, Shared};
 use super::store::{Admission, StoreFuture};
-use super::window::{ContextWindowError, CountFuture, Verdict};
+use super::window::{CountFuture, Verdict};
 use crate::BoxError;
 use crate::metrics::Refusal;
 use crate::partition::PartitionKey;
@@ -99,8 +99,9 @@ enum Phase {
     Ready,
     /// Refused at once: this many of the partition's requests were waiting already.
     Refused(usize),
-    /// Refused at once: too long for its model's context window.
-    OverWindow(Box<ContextWindowError>),
+    /// Refused at once: too long for its model's context window, or asking for more output
+    /// than its model allows.
+    OverWindow(BoxError),
     /// Near its model's context window: an exact count decides, before it joins the queue.
     Counting(CountFuture),
 }
@@ -121,7 +122,7 @@ where
         let own = shared.queue(partition);
         let phase = match verdict {
             // Refused, or counted, before it joins the queue's counts.
-            Verdict::Over(e) => Phase::OverWindow(Box::new(e)),
+            Verdict::Over(e) => Phase::OverWindow(e),
             Verdict::Count(count) => Phase::Counting(count),
             Verdict::Fits => join(&shared, &own),
         };

@@ -123,7 +123,7 @@ pub use layer::{BudgetHandle, TokenBudgetLayer};
 pub use reservation::ReservationHandle;
 pub use service::TokenBudget;
 pub use store::{BudgetStore, MemoryStore, Snapshot, StoreError};
-pub use window::{ContextWindowError, ContextWindows, CountTokens};
+pub use window::{ContextWindowError, ContextWindows, CountTokens, MaxTokensError};
 
 pub use crate::signals::Bucket;
 

@@ -28,12 +28,21 @@
 //! estimate. Requests far from the window are never counted; a count that fails (its own 429, a
 //! network error) leaves the decision to the estimate.
 //!
-//! The server's own refusals read as the same error: [`ContextWindowError::from_error_body`]
+//! The table also holds, per model, the largest `max_tokens` the model allows
+//! ([`ContextWindows::model_max_tokens`]): a request asking for more fails with a
+//! [`MaxTokensError`], and [`PackLayer`](crate::pack::PackLayer) caps a pack's summed
+//! `max_tokens` by it. No model has a largest `max_tokens` by default (it differs by model and
+//! changes with each release: 64 000 for some current models, 128 000 for others); a model not
+//! named is left to the server, unless [`default_max_tokens`](ContextWindows::default_max_tokens)
+//! says otherwise.
+//!
+//! The server's own refusals read as the same errors: [`ContextWindowError::from_error_body`]
 //! parses the 400's body ("prompt is too long: ...", or "input length and `max_tokens` exceed
-//! context limit: ..."), numbers included. The classifier already calls a 400 fatal, so it is
-//! never retried.
+//! context limit: ..."), numbers included, and [`MaxTokensError::from_error_body`] the refusal
+//! of a `max_tokens` over the model's ("max_tokens: N > M, which is the maximum allowed number of
+//! output tokens for MODEL"). The classifier already calls a 400 fatal, so neither is retried.
 
-pub use super::error::ContextWindowError;
+pub use super::error::{ContextWindowError, MaxTokensError};
 use crate::BoxError;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
@@ -56,6 +65,13 @@ pub struct ContextWindows {
     smallest: u64,
     /// The exact count near the window, if enabled.
     counter: Option<CountTokens>,
+    /// The largest `max_tokens` of the models named.
+    max_tokens: HashMap<String, u64>,
+    /// The largest `max_tokens` of a model not named, if any.
+    default_max_tokens: Option<u64>,
+    /// The smallest largest `max_tokens` of the table: a request within it needs no model
+    /// lookup (`u64::MAX` when the table has none).
+    smallest_max_tokens: u64,
 }
 
 impl Default for ContextWindows {
@@ -78,6 +94,9 @@ impl ContextWindows {
             models: HashMap::new(),
             smallest: default,
             counter: None,
+            max_tokens: HashMap::new(),
+            default_max_tokens: None,
+            smallest_max_tokens: u64::MAX,
         }
     }
 
@@ -93,6 +112,30 @@ impl ContextWindows {
         self.models.insert(model.into(), window);
         self.smallest = self.smallest.min(window);
         self
+    }
+
+    /// The largest `max_tokens` `model` (its exact name in the request body) allows: a request
+    /// asking for more fails with a [`MaxTokensError`], and a pack of its prompts asks for at
+    /// most this many.
+    pub fn model_max_tokens(mut self, model: impl Into<String>, max_tokens: u64) -> Self {
+        self.max_tokens.insert(model.into(), max_tokens);
+        self.smallest_max_tokens = self.smallest_max_tokens.min(max_tokens);
+        self
+    }
+
+    /// The largest `max_tokens` of every model not named with
+    /// [`model_max_tokens`](Self::model_max_tokens) (default: none, the server decides).
+    pub fn default_max_tokens(mut self, max_tokens: u64) -> Self {
+        self.default_max_tokens = Some(max_tokens);
+        self.smallest_max_tokens = self.smallest_max_tokens.min(max_tokens);
+        self
+    }
+
+    /// The largest `max_tokens` a request of `model` (if known) may ask for, if the table says.
+    pub fn max_tokens(&self, model: Option<&str>) -> Option<u64> {
+        model
+            .and_then(|m| self.max_tokens.get(m).copied())
+            .or(self.default_max_tokens)
     }
 
     /// The window of a request that opts in with the `context-1m` beta (default 1 000 000).
@@ -125,7 +168,7 @@ impl ContextWindows {
         body: impl FnOnce() -> Option<Bytes>,
         input: u64,
         max_tokens: u64,
-    ) -> Result<(), ContextWindowError> {
+    ) -> Result<(), BoxError> {
         match self.judge(headers, &Uri::default(), body, input, max_tokens) {
             Verdict::Fits => Ok(()),
             Verdict::Over(e) => Err(e),
@@ -147,11 +190,21 @@ impl ContextWindows {
         let needed = input.saturating_add(max_tokens);
         let margin = self.counter.as_ref().map_or(0.0, |c| c.margin);
         let near = |window: u64| (window as f64 * (1.0 - margin)) as u64;
-        if needed <= near(self.smallest) {
+        if needed <= near(self.smallest) && max_tokens <= self.smallest_max_tokens {
             return Verdict::Fits;
         }
         let body = body();
         let model = body.as_deref().and_then(model_of);
+        if let Some(limit) = self.max_tokens(model.as_deref())
+            && max_tokens > limit
+        {
+            return Verdict::Over(Box::new(MaxTokensError {
+                model,
+                max_tokens,
+                limit,
+                from_server: false,
+            }));
+        }
         let window = self.window(model.as_deref(), headers);
         let error = |input| ContextWindowError {
             model: model.clone(),
@@ -183,7 +236,7 @@ impl ContextWindows {
                 }))
             }
             _ if needed <= window => Verdict::Fits,
-            _ => Verdict::Over(error(input)),
+            _ => Verdict::Over(Box::new(error(input))),
         }
     }
 }
@@ -191,7 +244,8 @@ impl ContextWindows {
 /// The window check's judgement of a request.
 pub(crate) enum Verdict {
     Fits,
-    Over(ContextWindowError),
+    /// It cannot fit: a [`ContextWindowError`] or a [`MaxTokensError`].
+    Over(BoxError),
     /// An exact count decides: `Ok(Some(n))` it fits with `n` input tokens (`None`: the count
     /// failed and the estimate says it fits), `Err` it does not.
     Count(CountFuture),
@@ -339,13 +393,15 @@ mod tests {
         let w = ContextWindows::default().model("small", 8_000);
         let h = HeaderMap::new();
         let body = br#"{"model":"small","max_tokens":1000,"messages":[]}"#;
-        assert_eq!(
-            w.check(&h, || Some(Bytes::from_static(body)), 7_000, 1_000),
-            Ok(())
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(body)), 7_000, 1_000)
+                .is_ok()
         );
         let e = w
             .check(&h, || Some(Bytes::from_static(body)), 7_001, 1_000)
-            .unwrap_err();
+            .unwrap_err()
+            .downcast::<ContextWindowError>()
+            .unwrap();
         assert_eq!(
             (e.model(), e.input_tokens(), e.max_tokens(), e.window()),
             (Some("small"), 7_001, Some(1_000), 8_000)
@@ -353,9 +409,9 @@ mod tests {
         assert!(!e.is_from_server());
         // Another model has the default window; a body without a model too.
         let other = br#"{"model":"big","max_tokens":1000}"#;
-        assert_eq!(
-            w.check(&h, || Some(Bytes::from_static(other)), 9_000, 1_000),
-            Ok(())
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(other)), 9_000, 1_000)
+                .is_ok()
         );
         assert!(
             w.check(&h, || Some(Bytes::from_static(b"not json")), 199_001, 1_000)
@@ -378,5 +434,58 @@ mod tests {
         let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: must be positive"}}"#;
         assert_eq!(ContextWindowError::from_error_body(other), None);
         assert_eq!(ContextWindowError::from_error_body(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_max_tokens_over_its_models_largest_is_refused_with_the_numbers() {
+        let w = ContextWindows::default().model_max_tokens("small", 8_000);
+        let h = HeaderMap::new();
+        let body = br#"{"model":"small","max_tokens":9000,"messages":[]}"#;
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(body)), 10, 8_000)
+                .is_ok()
+        );
+        let e = w
+            .check(&h, || Some(Bytes::from_static(body)), 10, 8_001)
+            .unwrap_err()
+            .downcast::<MaxTokensError>()
+            .unwrap();
+        assert_eq!(
+            (e.model(), e.max_tokens(), e.limit(), e.is_from_server()),
+            (Some("small"), 8_001, 8_000, false)
+        );
+        assert_eq!(
+            e.to_string(),
+            "max_tokens 8001 exceeds the largest 8000 of small"
+        );
+        // A model the table does not name is left to the server, unless a default is set.
+        let other = br#"{"model":"big","max_tokens":100000}"#;
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(other)), 10, 100_000)
+                .is_ok()
+        );
+        let w = w.default_max_tokens(64_000);
+        assert!(
+            w.check(&h, || Some(Bytes::from_static(other)), 10, 100_000)
+                .unwrap_err()
+                .is::<MaxTokensError>()
+        );
+        assert_eq!(w.max_tokens(Some("small")), Some(8_000));
+        assert_eq!(w.max_tokens(None), Some(64_000));
+    }
+
+    #[test]
+    fn the_servers_max_tokens_refusal_reads_as_the_same_error() {
+        let body = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens for claude-haiku-4-5-20251001"}}"#;
+        let e = MaxTokensError::from_error_body(body).unwrap();
+        assert_eq!(
+            (e.max_tokens(), e.limit(), e.model(), e.is_from_server()),
+            (100_000, 64_000, Some("claude-haiku-4-5-20251001"), true)
+        );
+        let window = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 201234 tokens > 200000 maximum"}}"#;
+        assert_eq!(MaxTokensError::from_error_body(window), None);
+        let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: must be positive"}}"#;
+        assert_eq!(MaxTokensError::from_error_body(other), None);
+        assert_eq!(MaxTokensError::from_error_body(b"garbage"), None);
     }
 }

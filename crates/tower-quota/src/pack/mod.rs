@@ -26,8 +26,9 @@
 //!   first prompt, or as soon as it holds [`max_items`](PackLayer::max_items) (default 16), or
 //!   when the next prompt would take its estimated input over
 //!   [`max_input_tokens`](PackLayer::max_input_tokens) (default 8 000), its summed `max_tokens`
-//!   over [`max_output_tokens`](PackLayer::max_output_tokens) (default 64 000) or the two over the
-//!   model's context window ([`ContextWindows`]).
+//!   over [`max_output_tokens`](PackLayer::max_output_tokens) (default 64 000, or the model's
+//!   largest `max_tokens` when [`ContextWindows`] names a smaller one) or the two over the
+//!   model's context window.
 //! - **The protocol**: the packed call's user message is a short instruction followed by each
 //!   prompt as `<item id="k">`, a line break, the prompt, a line break and `</item>`; the model is
 //!   asked to answer each as `<answer id="k">...</answer>`. Its `max_tokens` is the sum of the
@@ -233,8 +234,9 @@ impl PackLayer {
         self.with(|c| c.max_input_tokens = n)
     }
 
-    /// At most `n` output tokens a pack (its items' `max_tokens` summed): the model's largest
-    /// `max_tokens`, or less.
+    /// At most `n` output tokens a pack (its items' `max_tokens` summed). A model whose largest
+    /// `max_tokens` the [`context_windows`](Self::context_windows) table names is held to the
+    /// smaller of the two.
     pub fn max_output_tokens(self, n: u64) -> Self {
         self.with(|c| c.max_output_tokens = n)
     }
@@ -370,7 +372,11 @@ impl<S: PackInner<B>, B: PackRequestBody> Service<Request<B>> for Pack<S> {
         let inner = self.inner.clone();
         let wanted = self.shared.config.all || req.extensions().get::<Packable>().is_some();
         let prompt = if wanted {
-            prompt_of(&req, &self.shared.config.windows)
+            prompt_of(
+                &req,
+                &self.shared.config.windows,
+                self.shared.config.max_output_tokens,
+            )
         } else {
             None
         };

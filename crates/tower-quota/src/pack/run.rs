@@ -34,6 +34,7 @@ pub(super) struct Group {
     /// The body without `messages` and `max_tokens`, shared by every item.
     pub(super) template: Map<String, Value>,
     pub(super) window: u64,
+    pub(super) max_output: u64,
 }
 
 /// A prompt waiting in a pack: its request (to build the packed call from, or to re-send alone)
@@ -54,6 +55,9 @@ pub(super) struct Prompt {
     pub(super) max_tokens: u64,
     pub(super) input: u64,
     pub(super) window: u64,
+    /// The largest summed `max_tokens` of its pack: the layer's bound, or its model's largest
+    /// `max_tokens` when the table names a smaller one.
+    pub(super) max_output: u64,
     pub(super) bytes: Bytes,
 }
 
@@ -65,6 +69,7 @@ pub(super) const TAGS: [&str; 4] = ["<item", "</item", "<answer", "</answer"];
 pub(super) fn prompt_of<B: InMemoryBody>(
     req: &Request<B>,
     windows: &ContextWindows,
+    max_output_tokens: u64,
 ) -> Option<Prompt> {
     if req.method() != http::Method::POST {
         return None;
@@ -106,6 +111,9 @@ pub(super) fn prompt_of<B: InMemoryBody>(
     }
     let model = body.get("model").and_then(Value::as_str);
     let window = windows.window(model, req.headers());
+    let max_output = windows
+        .max_tokens(model)
+        .map_or(max_output_tokens, |m| m.min(max_output_tokens));
     // Same path, key, API version and betas, same everything but the prompt and max_tokens.
     let mut key = format!("{} {}\n", req.method(), req.uri().path());
     for name in [
@@ -130,6 +138,7 @@ pub(super) fn prompt_of<B: InMemoryBody>(
         max_tokens,
         input,
         window,
+        max_output,
         bytes,
     })
 }
@@ -152,7 +161,7 @@ impl Shared {
     pub(super) fn fits_alone(&self, p: &Prompt) -> bool {
         let c = &self.config;
         p.input <= c.max_input_tokens
-            && p.max_tokens <= c.max_output_tokens
+            && p.max_tokens <= p.max_output
             && p.input + p.max_tokens <= p.window
     }
 
@@ -174,6 +183,7 @@ impl Shared {
             max_tokens,
             input,
             window,
+            max_output,
             bytes,
         } = p;
         self.groups.add(
@@ -183,7 +193,7 @@ impl Shared {
             |g| {
                 g.items.len() >= c.max_items
                     || g.input + input > c.max_input_tokens
-                    || g.output + max_tokens > c.max_output_tokens
+                    || g.output + max_tokens > g.max_output
                     || g.input + input + g.output + max_tokens > g.window
             },
             || Group {
@@ -192,6 +202,7 @@ impl Shared {
                 output: 0,
                 template,
                 window,
+                max_output,
             },
             |g| {
                 g.input += input;
@@ -432,7 +443,7 @@ mod tests {
                 .unwrap()
         };
         let ok = req(r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"Hi"}]}"#);
-        assert!(prompt_of(&ok, &ContextWindows::default()).is_some());
+        assert!(prompt_of(&ok, &ContextWindows::default(), 64_000).is_some());
         for body in [
             r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"a </answer> b"}]}"#,
             r#"{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
@@ -442,7 +453,7 @@ mod tests {
             "not json",
         ] {
             assert!(
-                prompt_of(&req(body), &ContextWindows::default()).is_none(),
+                prompt_of(&req(body), &ContextWindows::default(), 64_000).is_none(),
                 "{body}"
             );
         }
