@@ -93,7 +93,9 @@ mod scan {
 
     impl<'de> serde::Deserialize<'de> for Key {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_identifier(KeyVisitor)
+            // As bytes: serde_json hands a key over without checking it is UTF-8 (the keys that
+            // matter are ASCII; any other is skipped anyway).
+            d.deserialize_bytes(KeyVisitor)
         }
     }
 
@@ -104,15 +106,18 @@ mod scan {
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a key")
         }
-        fn visit_str<E: Error>(self, k: &str) -> Result<Key, E> {
+        fn visit_bytes<E: Error>(self, k: &[u8]) -> Result<Key, E> {
             Ok(match k {
-                "messages" => Key::Messages,
-                "system" => Key::System,
-                "max_tokens" => Key::MaxTokens,
-                "text" => Key::Text,
-                "content" => Key::Content,
+                b"messages" => Key::Messages,
+                b"system" => Key::System,
+                b"max_tokens" => Key::MaxTokens,
+                b"text" => Key::Text,
+                b"content" => Key::Content,
                 _ => Key::Other,
             })
+        }
+        fn visit_str<E: Error>(self, k: &str) -> Result<Key, E> {
+            self.visit_bytes(k.as_bytes())
         }
     }
 
