@@ -161,8 +161,11 @@ impl Level {
     /// Follows a changed limit, keeping what remains (up to the new capacity; a debt stays a
     /// debt), as a server does when a key's limit changes. Keeping what was *used* instead turned
     /// a halved limit into a debt of the old capacity: a minute without sending (issue 11).
-    pub(super) fn relimit(&mut self, limit: Limit, now: Instant) {
-        if limit != self.limit {
+    pub(super) fn relimit(&mut self, limit: Limit, now: Instant) -> bool {
+        if limit == self.limit {
+            return false;
+        }
+        {
             let remains = self.at(now);
             self.limit = limit;
             self.level = remains.min(limit.capacity() as f64);
@@ -172,6 +175,7 @@ impl Level {
             self.peak = 0.0;
             self.anchored = false;
         }
+        true
     }
 }
 
@@ -186,11 +190,14 @@ pub(super) struct Partition {
     pub(super) levels: [Option<Level>; 4],
     pub(super) learned: [Option<u64>; 4],
     pub(super) cooldown_until: Option<Instant>,
-    /// When the partition is indistinguishable from a fresh one (every bucket full, no cooldown):
-    /// from then on it may be forgotten. Its key in [`Partitions::idle`].
+    /// Its key in [`Partitions::idle`]: at or before the instant it is indistinguishable from a
+    /// fresh one (every bucket full, no cooldown), from when it may be forgotten.
     pub(super) idle_at: Instant,
     /// Its buckets start empty (a fallback store: no burst at the switch).
     pub(super) start_empty: bool,
+    /// A bucket was re-limited since the partition was last re-indexed: it may be idle earlier
+    /// than its entry says (a smaller bucket fills sooner).
+    pub(super) relimited: bool,
 }
 
 impl Partition {
@@ -201,6 +208,7 @@ impl Partition {
             cooldown_until: None,
             idle_at: now,
             start_empty,
+            relimited: false,
         }
     }
 
@@ -225,7 +233,7 @@ impl Partition {
         let limit = self.limit(limits, b)?;
         let slot = &mut self.levels[b as usize];
         match slot {
-            Some(l) => l.relimit(limit, now),
+            Some(l) => self.relimited |= l.relimit(limit, now),
             None => {
                 let mut l = Level::full(limit, now);
                 if self.start_empty {
@@ -239,8 +247,14 @@ impl Partition {
 }
 
 /// The partitions, and an index of when each will be idle (the global cap's partition is never
-/// forgotten, and not indexed). The earliest entry of the index is the one to forget when the
-/// bound is reached: found in O(log n), never by a scan.
+/// forgotten, and not indexed), found in O(log n) when the bound is reached, never by a scan.
+///
+/// The index may say *earlier* than the truth, never later: a request pushes its partition's idle
+/// time later, and re-indexing on every request would cost two tree operations each (a third of
+/// the store's time per request), so an entry is moved only when it would say later than the
+/// truth (a refund, a new limit). [`forget_idle`](Self::forget_idle) corrects the early
+/// entries it meets. Since every entry is at or before its truth, an earliest entry after `now`
+/// proves no partition is idle yet.
 #[derive(Debug, Default)]
 pub(super) struct Partitions {
     pub(super) map: HashMap<PartitionKey, Partition>,
@@ -253,18 +267,44 @@ impl Partitions {
         self.map.len() - usize::from(self.map.contains_key(&PartitionKey::GLOBAL))
     }
 
-    /// Re-indexes `p` after its state changed at `now`.
+    /// Re-indexes `p` after its state changed at `now`, if it will be idle earlier than its entry
+    /// says (see the type's docs).
     pub(super) fn touched(&mut self, p: PartitionKey, now: Instant) {
         if p == PartitionKey::GLOBAL {
             return;
         }
         if let Some(part) = self.map.get_mut(&p) {
+            part.relimited = false;
             let at = part.compute_idle_at(now);
-            if at != part.idle_at {
+            if at < part.idle_at {
                 self.idle.remove(&(part.idle_at, p));
                 self.idle.insert((at, p));
                 part.idle_at = at;
             }
+        }
+    }
+
+    /// Forgets a partition that is idle at `now`; `Err` with how long until one may be if none
+    /// is. Entries found early are moved to their true time on the way.
+    pub(super) fn forget_idle(&mut self, now: Instant) -> Result<(), Duration> {
+        loop {
+            let Some((at, oldest)) = self.idle.first().copied() else {
+                return Err(crate::util::FAR_FUTURE);
+            };
+            if at > now {
+                return Err(at - now);
+            }
+            self.idle.remove(&(at, oldest));
+            let Some(part) = self.map.get_mut(&oldest) else {
+                continue;
+            };
+            let truth = part.compute_idle_at(now);
+            if truth <= now {
+                self.map.remove(&oldest);
+                return Ok(());
+            }
+            part.idle_at = truth;
+            self.idle.insert((truth, oldest));
         }
     }
 }

@@ -114,14 +114,7 @@ impl MemoryStore {
     ) -> Result<&'m mut Partition, Duration> {
         if !parts.map.contains_key(&p) {
             if p != PartitionKey::GLOBAL && parts.counted() >= self.max_partitions {
-                match parts.idle.first().copied() {
-                    Some((at, oldest)) if at <= now => {
-                        parts.idle.remove(&(at, oldest));
-                        parts.map.remove(&oldest);
-                    }
-                    Some((at, _)) => return Err(at - now),
-                    None => return Err(crate::util::FAR_FUTURE),
-                }
+                parts.forget_idle(now)?;
             }
             if p != PartitionKey::GLOBAL {
                 parts.idle.insert((now, p));
@@ -139,11 +132,7 @@ impl MemoryStore {
         let mut parts = self.lock();
         // Read the clock under the lock, so the instants the buckets see never go backwards.
         let now = Instant::now();
-        let answer = self.reserve_locked(&mut parts, scopes, cost, now);
-        for scope in scopes {
-            parts.touched(scope.partition, now);
-        }
-        answer
+        self.reserve_locked(&mut parts, scopes, cost, now)
     }
 
     fn reserve_locked(
@@ -164,7 +153,7 @@ impl MemoryStore {
                 Ok(part) => part,
                 Err(d) => return full(scope.partition, d),
             };
-            return match Self::check(part, scope, cost, now) {
+            let answer = match Self::check(part, scope, cost, now) {
                 Err(refused) => refused,
                 Ok(Some((retry_in, reason))) => Admission::Wait {
                     retry_in,
@@ -175,6 +164,12 @@ impl MemoryStore {
                     charged: Self::charge(part, scope, 0, cost, now, Charged::NONE),
                 },
             };
+            // A reservation only makes its partition idle later, which the index may leave as
+            // it is (see `Partitions`), unless a bucket was re-limited on the way.
+            if part.relimited {
+                parts.touched(scope.partition, now);
+            }
+            return answer;
         }
         let mut wait: Option<(Duration, PartitionKey, WaitReason)> = None;
         for scope in scopes {
@@ -204,6 +199,11 @@ impl MemoryStore {
                 // Only an idle partition can have been forgotten since the check: as good as
                 // fresh, so the check holds; tracked again unless the store is full of busy ones.
                 Err(d) => return full(scope.partition, d),
+            }
+        }
+        for scope in scopes {
+            if parts.map.get(&scope.partition).is_some_and(|p| p.relimited) {
+                parts.touched(scope.partition, now);
             }
         }
         Admission::Granted { charged }

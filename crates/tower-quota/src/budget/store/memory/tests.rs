@@ -218,3 +218,37 @@ async fn a_full_store_makes_a_new_key_wait_until_a_partition_is_idle() {
     ));
     assert_eq!(store.len(), 3);
 }
+
+/// The idle index may say a partition is idle earlier than it is (a reservation does not move its
+/// entry): at the bound, an entry found early is moved to its true time, a busy key is never
+/// forgotten, an idle one is, and the wait for room is the earliest true one.
+#[tokio::test(start_paused = true)]
+async fn a_stale_idle_entry_never_forgets_a_busy_key() {
+    let store = MemoryStore::new(2);
+    let key = PartitionKey::from_u64;
+    let one = |k| store.reserve_now(&scope(key(k), 60), Cost::new(0, 0));
+    assert!(matches!(one(1), Admission::Granted { .. }));
+    assert!(matches!(one(3), Admission::Granted { .. }));
+    // Key 1 takes 30 more at 0.5 s: busy until about 31 s, though its entry still says 0 s.
+    tokio::time::advance(Duration::from_millis(500)).await;
+    for _ in 0..30 {
+        assert!(matches!(one(1), Admission::Granted { .. }));
+    }
+    // At 2 s key 3 is idle (since 1 s): a new key takes its place, never key 1's.
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    assert!(matches!(one(5), Admission::Granted { .. }));
+    let limits = Limits::new().rpm(60);
+    assert!(store.snapshot_now(key(3), limits).is_none(), "idle key 3 forgotten");
+    let (level, _) = store.snapshot_now(key(1), limits).unwrap().buckets[0].unwrap();
+    assert!((level - 31.0).abs() < 0.01, "busy key 1 kept: {level}");
+    // Now both are busy: key 5 until 3 s, key 1 until 31 s. A new key waits for key 5.
+    match one(7) {
+        Admission::Wait {
+            retry_in, reason, ..
+        } => {
+            assert_eq!(reason, WaitReason::StoreFull);
+            assert_eq!(retry_in, Duration::from_secs(1));
+        }
+        other => panic!("{other:?}"),
+    }
+}
