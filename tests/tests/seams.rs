@@ -573,3 +573,92 @@ async fn a_silent_server_never_blocks_its_key_and_every_call_ends() {
         "{ended:?}"
     );
 }
+
+/// Configuration as values: a layer's state is made once, on its first use, and shared by every
+/// clone taken before it; a setter returns a layer with state of its own; a setter on a layer in
+/// use panics (its services and handles would not see the change), for every layer.
+mod configured_once {
+    use super::*;
+    use tower_quota::batch::BatchLayer;
+    use tower_quota::pack::PackLayer;
+
+    fn panics(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        let err = std::panic::catch_unwind(f).expect_err("a setter after use must panic");
+        err.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| err.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_setter_on_a_layer_in_use_panics_for_every_layer() {
+        let messages = [
+            panics(|| {
+                let l = TokenBudgetLayer::new(Limits::new().rpm(10));
+                let _h = l.handle();
+                let _ = l.max_wait(None);
+            }),
+            panics(|| {
+                let l = BackoffRetryLayer::new();
+                let _s = l.layer(service_fn(ok));
+                let _ = l.max_retries(1);
+            }),
+            panics(|| {
+                let l = RetryAfterLayer::new();
+                let _h = l.handle();
+                let _ = l.max_queue(1);
+            }),
+            panics(|| {
+                let l = ConcurrencyLimitLayer::fixed(2);
+                let _s = l.layer(service_fn(ok));
+                let _ = l.max_queue(1);
+            }),
+            panics(|| {
+                let l = PackLayer::new();
+                let _h = l.handle();
+                let _ = l.max_items(2);
+            }),
+            panics(|| {
+                let l = BatchLayer::new();
+                let _h = l.handle();
+                let _ = l.all(true);
+            }),
+        ];
+        for m in messages {
+            assert!(m.contains("configured before its first use"), "{m}");
+        }
+    }
+
+    async fn ok(_: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+        Ok(Response::new(Full::default()))
+    }
+
+    fn request() -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::default());
+        req.headers_mut()
+            .insert("x-api-key", "sk-configured".parse().unwrap());
+        req.extensions_mut().insert(Cost::new(1, 1));
+        req
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clones_taken_before_first_use_share_one_state_and_a_setter_makes_its_own() {
+        let layer = TokenBudgetLayer::new(Limits::new().rpm(10));
+        let configured = layer.clone().max_wait(None);
+        let clone = layer.clone();
+        // The clone's first service makes the state; the original's handle sees it.
+        let res = clone.layer(service_fn(ok)).oneshot(request()).await.unwrap();
+        drop(res);
+        assert_eq!(layer.handle().admitted(), 1);
+        assert_eq!(clone.handle().admitted(), 1);
+        // The layer a setter returned has its own.
+        assert_eq!(configured.handle().admitted(), 0);
+        configured
+            .layer(service_fn(ok))
+            .oneshot(request())
+            .await
+            .unwrap();
+        assert_eq!(configured.handle().admitted(), 1);
+        assert_eq!(layer.handle().admitted(), 1);
+    }
+}

@@ -94,3 +94,65 @@ pub(crate) fn poll_acquire(
     // The crate never closes its semaphores.
     Poll::Ready(permit.expect("the crate's semaphores are never closed"))
 }
+
+/// A layer's settings and the shared state made from them: made once, on the layer's first use
+/// (its first service or handle), and shared by every clone taken before that. A setter returns a
+/// layer with fresh (not yet made) state, so a clone taken before a setter keeps its own settings;
+/// a setter on a layer already in use panics, where it once made new state silently (services and
+/// handles of the old state would have gone on apart from the new).
+pub(crate) struct Configured<C, S> {
+    config: C,
+    state: Arc<std::sync::OnceLock<Arc<S>>>,
+}
+
+impl<C: Clone, S> Clone for Configured<C, S> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<C, S> Configured<C, S> {
+    pub(crate) fn new(config: C) -> Self {
+        Self {
+            config,
+            state: Arc::default(),
+        }
+    }
+
+    /// The settings.
+    pub(crate) fn config(&self) -> &C {
+        &self.config
+    }
+
+    /// The settings changed by `f`, with state to be made.
+    ///
+    /// # Panics
+    ///
+    /// If the layer is in use (it made a service or a handle).
+    #[track_caller]
+    pub(crate) fn with(mut self, f: impl FnOnce(&mut C)) -> Self {
+        assert!(
+            self.state.get().is_none(),
+            "a layer is configured before its first use: this one already made a service or a \
+             handle, which would not see the change (configure it first, then clone it)"
+        );
+        f(&mut self.config);
+        self.state = Arc::default();
+        self
+    }
+
+    /// The state, made by `make` from the settings on first use.
+    pub(crate) fn state(&self, make: impl FnOnce(&C) -> S) -> Arc<S> {
+        self.state
+            .get_or_init(|| Arc::new(make(&self.config)))
+            .clone()
+    }
+
+    /// The state, if it was made.
+    pub(crate) fn made(&self) -> Option<&Arc<S>> {
+        self.state.get()
+    }
+}

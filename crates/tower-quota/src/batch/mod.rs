@@ -62,6 +62,7 @@
 use crate::BoxError;
 use crate::collect::{self, Groups};
 use crate::pack::{PackInner, PackRequestBody};
+use crate::util::Configured;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
@@ -100,16 +101,20 @@ pub use state::{BatchStatus, RequestCounts};
 use state::{Config, Shared, Stats};
 
 /// Sends deferrable requests through the Message Batches API. See the [module docs](self).
+///
+/// The state is made on the layer's first use (its first service or [`handle`](Self::handle)); a
+/// setter called after that panics (the services and handles made would not see it): configure
+/// the layer, then clone and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct BatchLayer {
-    shared: Arc<Shared>,
+    inner: Configured<Config, Shared>,
 }
 
 impl fmt::Debug for BatchLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BatchLayer")
-            .field("config", &self.shared.config)
+            .field("config", self.inner.config())
             .finish()
     }
 }
@@ -140,23 +145,30 @@ impl BatchLayer {
 
     fn from_config(config: Config) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                config,
-                groups: Arc::new(Groups::new()),
-                next: AtomicU64::new(0),
-                stats: Stats::default(),
-                live: Mutex::new(Vec::new()),
-            }),
+            inner: Configured::new(config),
         }
     }
 
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.shared.config.clone();
-        f(&mut c);
-        Self::from_config(c)
+    /// The state, made on first use.
+    fn shared(&self) -> Arc<Shared> {
+        self.inner.state(|config| Shared {
+            config: config.clone(),
+            groups: Arc::new(Groups::new()),
+            next: AtomicU64::new(0),
+            stats: Stats::default(),
+            live: Mutex::new(Vec::new()),
+        })
     }
 
-    /// Defer every request, marked or not. Builder methods start fresh shared state.
+    #[track_caller]
+    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+        Self {
+            inner: self.inner.with(f),
+        }
+    }
+
+    /// Defer every request, marked or not.
+    #[track_caller]
     pub fn all(self, on: bool) -> Self {
         self.with(|c| c.all = on)
     }
@@ -167,6 +179,7 @@ impl BatchLayer {
     ///
     /// If `n` is 0 or over [`API_MAX_REQUESTS`](Self::API_MAX_REQUESTS) (the API refuses such
     /// a batch).
+    #[track_caller]
     pub fn max_requests(self, n: usize) -> Self {
         assert!(
             (1..=Self::API_MAX_REQUESTS).contains(&n),
@@ -182,6 +195,7 @@ impl BatchLayer {
     ///
     /// If `n` is 0 or over [`API_MAX_BYTES`](Self::API_MAX_BYTES) (the API refuses such a
     /// batch).
+    #[track_caller]
     pub fn max_bytes(self, n: usize) -> Self {
         assert!(
             (1..=Self::API_MAX_BYTES).contains(&n),
@@ -192,6 +206,7 @@ impl BatchLayer {
     }
 
     /// How long a batch waits for more requests after its first.
+    #[track_caller]
     pub fn max_wait(self, d: Duration) -> Self {
         self.with(|c| c.max_wait = d)
     }
@@ -199,7 +214,7 @@ impl BatchLayer {
     /// A read-only view of the layer's state.
     pub fn handle(&self) -> BatchHandle {
         BatchHandle {
-            shared: self.shared.clone(),
+            shared: self.shared(),
         }
     }
 }
@@ -208,7 +223,7 @@ impl<S> Layer<S> for BatchLayer {
     type Service = Batch<S>;
 
     fn layer(&self, inner: S) -> Batch<S> {
-        Batch::new(inner, self.shared.clone())
+        Batch::new(inner, self.shared())
     }
 }
 

@@ -5,6 +5,7 @@ use super::window::ContextWindows;
 use super::{Limits, TokenBudget};
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
+use crate::util::Configured;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,14 +33,16 @@ struct Config {
 /// Requests, input tokens and output tokens per minute: reserve before sending, wait in FIFO order,
 /// settle with the real usage, learn from the server. See the [module docs](super).
 ///
-/// # Clone
+/// # Clone and configuration
 ///
 /// Clones share the store, the queues and the counters, and so do all the services the layer makes.
+/// The queues and counters are made on the layer's first use (its first service or
+/// [`handle`](Self::handle)); a setter called after that panics (the services and handles made
+/// would not see it): configure the layer, then clone and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct TokenBudgetLayer {
-    pub(super) shared: Arc<Shared>,
-    config: Config,
+    inner: Configured<Config, Shared>,
 }
 
 impl TokenBudgetLayer {
@@ -81,35 +84,40 @@ impl TokenBudgetLayer {
 
     fn from_config(config: Config) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                limits: config.limits,
-                per_partition: config.per_partition.clone(),
-                global: config.global,
-                store: config.store.clone(),
-                estimator: config.estimator.clone(),
-                ctx: config.ctx.clone(),
-                max_wait: config.max_wait,
-                max_probe: config.max_probe,
-                max_queue: config.max_queue,
-                learn: config.learn,
-                reconcile: config.reconcile,
-                windows: config.windows.clone(),
-                inference: Default::default(),
-                turns: Mutex::new(HashMap::new()),
-                sweep: crate::util::Sweep::new(config.max_partitions),
-                global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
-                queued: AtomicUsize::new(0),
-                waits: AtomicU64::new(0),
-                admitted: AtomicU64::new(0),
-            }),
-            config,
+            inner: Configured::new(config),
         }
     }
 
+    /// The queues and counters, made on first use.
+    pub(super) fn shared(&self) -> Arc<Shared> {
+        self.inner.state(|config| Shared {
+            limits: config.limits,
+            per_partition: config.per_partition.clone(),
+            global: config.global,
+            store: config.store.clone(),
+            estimator: config.estimator.clone(),
+            ctx: config.ctx.clone(),
+            max_wait: config.max_wait,
+            max_probe: config.max_probe,
+            max_queue: config.max_queue,
+            learn: config.learn,
+            reconcile: config.reconcile,
+            windows: config.windows.clone(),
+            inference: Default::default(),
+            turns: Mutex::new(HashMap::new()),
+            sweep: crate::util::Sweep::new(config.max_partitions),
+            global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
+            queued: AtomicUsize::new(0),
+            waits: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+        })
+    }
+
+    #[track_caller]
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.config;
-        f(&mut c);
-        Self::from_config(c)
+        Self {
+            inner: self.inner.with(f),
+        }
     }
 
     /// Limits for particular partitions (keys of different tiers): `rule` returns a partition's
@@ -126,6 +134,7 @@ impl TokenBudgetLayer {
     ///     .partition_limits(move |p| (p == big).then(|| Limits::new().rpm(4000)));
     /// # let _ = layer;
     /// ```
+    #[track_caller]
     pub fn partition_limits(
         self,
         rule: impl Fn(PartitionKey) -> Option<Limits> + Send + Sync + 'static,
@@ -134,23 +143,25 @@ impl TokenBudgetLayer {
     }
 
     /// A cap across all partitions, on top of each partition's own limits.
-    ///
-    /// Builder methods start fresh shared state: configure the layer before you clone it.
+    #[track_caller]
     pub fn global_cap(self, limits: Limits) -> Self {
         self.with(|c| c.global = Some(limits))
     }
 
     /// Where the buckets live (default: a fresh [`MemoryStore`]).
+    #[track_caller]
     pub fn store(self, store: impl BudgetStore) -> Self {
         self.with(|c| c.store = Arc::new(store))
     }
 
     /// A store shared with other layers or kept for inspection.
+    #[track_caller]
     pub fn shared_store(self, store: Arc<dyn BudgetStore>) -> Self {
         self.with(|c| c.store = store)
     }
 
     /// How a request's cost is estimated (a [`Cost`](super::Cost) in its extensions still wins).
+    #[track_caller]
     pub fn estimator(self, e: impl Estimate) -> Self {
         self.with(|c| c.estimator = Arc::new(e))
     }
@@ -159,12 +170,14 @@ impl TokenBudgetLayer {
     /// refunded (anything but a success: the server did no work) and what pauses the partition in
     /// the store (a rate-limited answer with a hint), its wall clock reads reset dates without a
     /// `Date` header. Give every layer of a stack the same one.
+    #[track_caller]
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
     }
 
     /// The longest a request may wait for the budget; past it, it fails fast with
     /// a [`BudgetError`](super::BudgetError) whose `is_wait_too_long()` is true. `None`: no cap.
+    #[track_caller]
     pub fn max_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_wait = cap)
     }
@@ -173,6 +186,7 @@ impl TokenBudgetLayer {
     /// partition's queue waiting for its answer (default
     /// [`DEFAULT_MAX_PROBE`](Self::DEFAULT_MAX_PROBE)); past it the queue moves on without the
     /// server's limits, as it would with a server that sends none.
+    #[track_caller]
     pub fn max_probe(self, bound: Duration) -> Self {
         self.with(|c| c.max_probe = bound)
     }
@@ -181,6 +195,7 @@ impl TokenBudgetLayer {
     /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
     /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` estimates when the queue will
     /// have room.
+    #[track_caller]
     pub fn max_queue(self, bound: usize) -> Self {
         self.with(|c| c.max_queue = bound)
     }
@@ -189,11 +204,13 @@ impl TokenBudgetLayer {
     /// window, before reserving anything or sending it: it fails with a
     /// [`ContextWindowError`](super::ContextWindowError). Off by default. See
     /// [`window`](super::window).
+    #[track_caller]
     pub fn context_windows(self, windows: ContextWindows) -> Self {
         self.with(|c| c.windows = Some(windows))
     }
 
     /// Whether to learn limits and levels from the server's headers (default on).
+    #[track_caller]
     pub fn learn(self, on: bool) -> Self {
         self.with(|c| c.learn = on)
     }
@@ -202,6 +219,7 @@ impl TokenBudgetLayer {
     /// a reservation keeps its estimate unless the caller settles it through the
     /// [`ReservationHandle`](super::ReservationHandle) (the OpenAI cookbook's behaviour, kept for
     /// comparison).
+    #[track_caller]
     pub fn reconcile(self, on: bool) -> Self {
         self.with(|c| c.reconcile = on)
     }
@@ -211,6 +229,7 @@ impl TokenBudgetLayer {
     /// # Panics
     ///
     /// If `n` is 0 (no request could be queued).
+    #[track_caller]
     pub fn max_partitions(self, n: usize) -> Self {
         assert!(n > 0, "a budget tracking 0 partitions queues nothing");
         self.with(|c| c.max_partitions = n)
@@ -219,7 +238,7 @@ impl TokenBudgetLayer {
     /// A read-only view of the layer's live state.
     pub fn handle(&self) -> BudgetHandle {
         BudgetHandle {
-            shared: self.shared.clone(),
+            shared: self.shared(),
         }
     }
 }
@@ -227,10 +246,10 @@ impl TokenBudgetLayer {
 impl fmt::Debug for TokenBudgetLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBudgetLayer")
-            .field("limits", &self.shared.limits)
-            .field("global", &self.shared.global)
-            .field("learn", &self.shared.learn)
-            .field("max_wait", &self.shared.max_wait)
+            .field("limits", &self.inner.config().limits)
+            .field("global", &self.inner.config().global)
+            .field("learn", &self.inner.config().learn)
+            .field("max_wait", &self.inner.config().max_wait)
             .finish()
     }
 }
@@ -239,7 +258,7 @@ impl<S> Layer<S> for TokenBudgetLayer {
     type Service = TokenBudget<S>;
 
     fn layer(&self, inner: S) -> TokenBudget<S> {
-        TokenBudget::new(inner, self.shared.clone())
+        TokenBudget::new(inner, self.shared())
     }
 }
 

@@ -465,7 +465,7 @@ async fn a_turn_being_handed_over_does_not_hold_up_a_request_when_there_is_room(
     );
     let key = "sk-turn";
     let own = layer
-        .shared
+        .shared()
         .queue(PartitionKey::fingerprint(key.as_bytes()));
     // The turn is held (as it is between one holder's release and the next waiter's first poll).
     let held = own.queue.clone().acquire_owned().await.unwrap();

@@ -2,6 +2,7 @@ use super::ConcurrencyLimit;
 use super::limiter::{Aimd, LimitKind, Limiter};
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
+use crate::util::Configured;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -154,11 +155,14 @@ impl Shared {
 
 /// Caps the requests in flight, fixed or adaptive, shared by every clone and every service the
 /// layer makes. See the [module docs](super).
+///
+/// The limits are made on the layer's first use (its first service or
+/// [`handle`](Self::handle)); a setter called after that panics (the services and handles made
+/// would not see it): configure the layer, then clone and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct ConcurrencyLimitLayer {
-    shared: Arc<Shared>,
-    config: Config,
+    inner: Configured<Config, Shared>,
 }
 
 #[derive(Clone)]
@@ -178,7 +182,12 @@ impl ConcurrencyLimitLayer {
     /// about 230 bytes beyond its request).
     pub const DEFAULT_MAX_QUEUE: usize = 10_000;
 
-    fn from_config(config: Config) -> Self {
+    /// The limits, made on first use.
+    fn shared(&self) -> Arc<Shared> {
+        self.inner.state(Self::make)
+    }
+
+    fn make(config: &Config) -> Shared {
         let mode = match config.per_partition {
             None => Mode::Shared(Limiter::new(
                 config.policy,
@@ -190,36 +199,36 @@ impl ConcurrencyLimitLayer {
                 sweep: crate::util::Sweep::new(max_partitions),
             },
         };
-        Self {
-            shared: Arc::new(Shared {
-                mode,
-                global: config.global_cap.map(|c| {
-                    Limiter::new(
-                        LimitKind::Fixed(c),
-                        metrics::SharedString::const_str("global"),
-                    )
-                }),
-                max_queue: config.max_queue,
-                ctx: config.ctx.clone(),
+        Shared {
+            mode,
+            global: config.global_cap.map(|c| {
+                Limiter::new(
+                    LimitKind::Fixed(c),
+                    metrics::SharedString::const_str("global"),
+                )
             }),
-            config,
+            max_queue: config.max_queue,
+            ctx: config.ctx.clone(),
         }
     }
 
+    #[track_caller]
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.config;
-        f(&mut c);
-        Self::from_config(c)
+        Self {
+            inner: self.inner.with(f),
+        }
     }
 
     fn build(policy: LimitKind) -> Self {
-        Self::from_config(Config {
-            policy,
-            per_partition: None,
-            global_cap: None,
-            max_queue: Self::DEFAULT_MAX_QUEUE,
-            ctx: QuotaContext::new(),
-        })
+        Self {
+            inner: Configured::new(Config {
+                policy,
+                per_partition: None,
+                global_cap: None,
+                max_queue: Self::DEFAULT_MAX_QUEUE,
+                ctx: QuotaContext::new(),
+            }),
+        }
     }
 
     /// At most `limit` requests in flight.
@@ -257,11 +266,10 @@ impl ConcurrencyLimitLayer {
     /// One limit per partition (API key by default) instead of one for all, each following the
     /// policy on its own, at most `max_partitions` tracked at once (idle ones beyond are forgotten).
     ///
-    /// Builder methods start fresh shared state: configure the layer before you clone it.
-    ///
     /// # Panics
     ///
     /// If `max_partitions` is 0 (no request could take a slot).
+    #[track_caller]
     pub fn per_partition(self, max_partitions: usize) -> Self {
         assert!(
             max_partitions > 0,
@@ -275,6 +283,7 @@ impl ConcurrencyLimitLayer {
     /// # Panics
     ///
     /// If `cap` is 0.
+    #[track_caller]
     pub fn global_cap(self, cap: usize) -> Self {
         assert!(cap > 0, "a global cap of 0 admits nothing");
         self.with(|c| c.global_cap = Some(cap))
@@ -286,6 +295,7 @@ impl ConcurrencyLimitLayer {
     /// one.
     ///
     /// [`Outcome::is_backpressure`]: crate::classify::Outcome::is_backpressure
+    #[track_caller]
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
     }
@@ -293,6 +303,7 @@ impl ConcurrencyLimitLayer {
     /// How many requests may wait for a slot of one limit at once (default
     /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
     /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` estimates when there will be room.
+    #[track_caller]
     pub fn max_queue(self, bound: usize) -> Self {
         self.with(|c| c.max_queue = bound)
     }
@@ -300,14 +311,25 @@ impl ConcurrencyLimitLayer {
     /// A read-only view of the layer's live state.
     pub fn handle(&self) -> ConcurrencyHandle {
         ConcurrencyHandle {
-            shared: self.shared.clone(),
+            shared: self.shared(),
         }
     }
 }
 
 impl fmt::Debug for ConcurrencyLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.handle(), f)
+        match self.inner.made() {
+            Some(shared) => fmt::Debug::fmt(
+                &ConcurrencyHandle {
+                    shared: shared.clone(),
+                },
+                f,
+            ),
+            None => f
+                .debug_struct("ConcurrencyLimitLayer")
+                .field("in_use", &false)
+                .finish_non_exhaustive(),
+        }
     }
 }
 
@@ -315,7 +337,7 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
     type Service = ConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit::new(inner, self.shared.clone())
+        ConcurrencyLimit::new(inner, self.shared())
     }
 }
 

@@ -91,6 +91,7 @@ use crate::BoxError;
 use crate::body::InMemoryBody;
 use crate::budget::ContextWindows;
 use crate::collect::{self, Groups};
+use crate::util::Configured;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
@@ -153,11 +154,14 @@ mod run;
 use run::{Config, Shared, Stats, prompt_of};
 
 /// Packs small prompts into one Messages call. See the [module docs](self).
-
+///
+/// The state is made on the layer's first use (its first service or [`handle`](Self::handle)); a
+/// setter called after that panics (the services and handles made would not see it): configure
+/// the layer, then clone and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct PackLayer {
-    shared: Arc<Shared>,
+    inner: Configured<Config, Shared>,
 }
 
 impl Default for PackLayer {
@@ -169,7 +173,7 @@ impl Default for PackLayer {
 impl fmt::Debug for PackLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PackLayer")
-            .field("config", &self.shared.config)
+            .field("config", self.inner.config())
             .finish()
     }
 }
@@ -198,23 +202,28 @@ impl PackLayer {
 
     fn from_config(config: Config) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                config,
-                groups: Arc::new(Groups::new()),
-                stats: Stats::default(),
-            }),
+            inner: Configured::new(config),
         }
     }
 
+    /// The state, made on first use.
+    fn shared(&self) -> Arc<Shared> {
+        self.inner.state(|config| Shared {
+            config: config.clone(),
+            groups: Arc::new(Groups::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    #[track_caller]
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.shared.config.clone();
-        f(&mut c);
-        Self::from_config(c)
+        Self {
+            inner: self.inner.with(f),
+        }
     }
 
     /// Pack every packable request, marked or not.
-    ///
-    /// Builder methods start fresh shared state: configure the layer before you clone it.
+    #[track_caller]
     pub fn all(self, on: bool) -> Self {
         self.with(|c| c.all = on)
     }
@@ -224,12 +233,14 @@ impl PackLayer {
     /// # Panics
     ///
     /// If `n` is 0 (a pack holds at least one prompt).
+    #[track_caller]
     pub fn max_items(self, n: usize) -> Self {
         assert!(n > 0, "a pack holds at least one item");
         self.with(|c| c.max_items = n)
     }
 
     /// At most `n` estimated input tokens of prompts a pack.
+    #[track_caller]
     pub fn max_input_tokens(self, n: u64) -> Self {
         self.with(|c| c.max_input_tokens = n)
     }
@@ -237,16 +248,19 @@ impl PackLayer {
     /// At most `n` output tokens a pack (its items' `max_tokens` summed). A model whose largest
     /// `max_tokens` the [`context_windows`](Self::context_windows) table names is held to the
     /// smaller of the two.
+    #[track_caller]
     pub fn max_output_tokens(self, n: u64) -> Self {
         self.with(|c| c.max_output_tokens = n)
     }
 
     /// How long a pack waits for more prompts after its first.
+    #[track_caller]
     pub fn max_wait(self, d: Duration) -> Self {
         self.with(|c| c.max_wait = d)
     }
 
     /// The models' context windows a pack must fit (default [`ContextWindows::default`]).
+    #[track_caller]
     pub fn context_windows(self, windows: ContextWindows) -> Self {
         self.with(|c| c.windows = windows)
     }
@@ -254,7 +268,7 @@ impl PackLayer {
     /// A read-only view of what the layer did.
     pub fn handle(&self) -> PackHandle {
         PackHandle {
-            shared: self.shared.clone(),
+            shared: self.shared(),
         }
     }
 }
@@ -263,7 +277,7 @@ impl<S> Layer<S> for PackLayer {
     type Service = Pack<S>;
 
     fn layer(&self, inner: S) -> Pack<S> {
-        Pack::new(inner, self.shared.clone())
+        Pack::new(inner, self.shared())
     }
 }
 

@@ -1,6 +1,7 @@
 use super::BackoffRetry;
 use super::backoff::{Backoff, Jitter};
 use crate::context::QuotaContext;
+use crate::util::Configured;
 use rand::rngs::SmallRng;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,15 +86,16 @@ struct Config {
 /// Retries what is retryable, with exponential backoff and jitter, waiting for the server's hint
 /// when it gives one. See the [module docs](super).
 ///
-/// # Clone
+/// # Clone and configuration
 ///
 /// Clones share the retry budget, the random source and the counters, and so do all the services
-/// the layer makes.
+/// the layer makes. They are made on the layer's first use (its first service or
+/// [`handle`](Self::handle)); a setter called after that panics (the services and handles made
+/// would not see it): configure the layer, then clone and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct BackoffRetryLayer {
-    shared: Arc<Shared>,
-    config: Config,
+    inner: Configured<Config, Shared>,
 }
 
 impl BackoffRetryLayer {
@@ -137,29 +139,36 @@ impl BackoffRetryLayer {
 
     fn from_config(c: Config) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                backoff: c.backoff,
-                max_retries: c.max_retries,
-                max_hinted_retries: c.max_hinted_retries,
-                deadline: c.deadline,
-                max_hint_wait: c.max_hint_wait,
-                hint_jitter: c.hint_jitter,
-                attempt_timeout: c.attempt_timeout,
-                budget: c.budget.clone(),
-                ctx: c.ctx.clone(),
-                rng: Mutex::new(crate::util::small_rng(c.seed)),
-                stats: Arc::new(StatsInner::default()),
-            }),
-            config: c,
+            inner: Configured::new(c),
         }
     }
 
+    /// The loop's state, made on first use.
+    fn shared(&self) -> Arc<Shared> {
+        self.inner.state(|c| Shared {
+            backoff: c.backoff,
+            max_retries: c.max_retries,
+            max_hinted_retries: c.max_hinted_retries,
+            deadline: c.deadline,
+            max_hint_wait: c.max_hint_wait,
+            hint_jitter: c.hint_jitter,
+            attempt_timeout: c.attempt_timeout,
+            budget: c.budget.clone(),
+            ctx: c.ctx.clone(),
+            rng: Mutex::new(crate::util::small_rng(c.seed)),
+            stats: Arc::new(StatsInner::default()),
+        })
+    }
+
+    #[track_caller]
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.config;
-        f(&mut c);
-        c.backoff.check();
-        super::backoff::check_setting("hint jitter", c.hint_jitter);
-        Self::from_config(c)
+        Self {
+            inner: self.inner.with(|c| {
+                f(c);
+                c.backoff.check();
+                super::backoff::check_setting("hint jitter", c.hint_jitter);
+            }),
+        }
     }
 
     /// The backoff.
@@ -170,35 +179,38 @@ impl BackoffRetryLayer {
     /// [`jitter`](Self::jitter) and [`hint_jitter`](Self::hint_jitter) panic if a duration is
     /// over an hour: a per-minute quota refills in a minute, and a longer pause is a mistake
     /// better refused here than met in a request.
-    ///
-    /// Builder methods start fresh shared state (budget counters, random source):
-    /// configure the layer before you clone it.
+    #[track_caller]
     pub fn backoff(self, backoff: Backoff) -> Self {
         self.with(|c| c.backoff = backoff)
     }
 
     /// The first delay (`base` of the backoff).
+    #[track_caller]
     pub fn base(self, base: Duration) -> Self {
         self.with(|c| c.backoff.base = base)
     }
 
     /// The cap on the exponential part of the delay.
+    #[track_caller]
     pub fn max_delay(self, max: Duration) -> Self {
         self.with(|c| c.backoff.max = max)
     }
 
     /// The jitter mode.
+    #[track_caller]
     pub fn jitter(self, jitter: Jitter) -> Self {
         self.with(|c| c.backoff.jitter = jitter)
     }
 
     /// Retries after the first attempt that wait a computed backoff (0: never retry those).
+    #[track_caller]
     pub fn max_retries(self, n: u32) -> Self {
         self.with(|c| c.max_retries = n)
     }
 
     /// Retries that wait for the server's hinted instant (see
     /// [`DEFAULT_MAX_HINTED_RETRIES`](Self::DEFAULT_MAX_HINTED_RETRIES)).
+    #[track_caller]
     pub fn max_hinted_retries(self, n: u32) -> Self {
         self.with(|c| c.max_hinted_retries = n)
     }
@@ -206,12 +218,14 @@ impl BackoffRetryLayer {
     /// A deadline for the whole call, from when it starts: no retry starts after it. A request can
     /// carry its own [`Deadline`](super::Deadline) too; the earlier one wins. It does not cut an
     /// attempt short (that is a timeout layer's job).
+    #[track_caller]
     pub fn deadline(self, total: Option<Duration>) -> Self {
         self.with(|c| c.deadline = total)
     }
 
     /// The longest hinted wait to sleep through; past it the call fails fast with
     /// [`GiveUp::HintTooLong`](super::GiveUp::HintTooLong). `None`: no cap.
+    #[track_caller]
     pub fn max_hint_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_hint_wait = cap)
     }
@@ -222,39 +236,45 @@ impl BackoffRetryLayer {
     /// (the request is cancelled) and counts as a transport timeout
     /// ([`tower::timeout::error::Elapsed`]): retried like one, and the source of the
     /// [`RetryError`](super::error::RetryError) when the loop gives up.
+    #[track_caller]
     pub fn attempt_timeout(self, timeout: Option<Duration>) -> Self {
         self.with(|c| c.attempt_timeout = timeout)
     }
 
     /// The largest random delay added after a hinted instant.
+    #[track_caller]
     pub fn hint_jitter(self, max: Duration) -> Self {
         self.with(|c| c.hint_jitter = max)
     }
 
     /// The retry budget (any tower [`Budget`]); shared by every clone and service of the layer.
+    #[track_caller]
     pub fn retry_budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.with(|c| c.budget = Some(Arc::new(budget)))
     }
 
     /// No retry budget: only `max_retries` and the deadline bound the retries.
+    #[track_caller]
     pub fn no_retry_budget(self) -> Self {
         self.with(|c| c.budget = None)
     }
 
     /// The shared context: its classifier says which results are retried, its wall clock reads
     /// HTTP-dates without a `Date` header. Give every layer of a stack the same one.
+    #[track_caller]
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
     }
 
     /// Seeds the jitter's random source (for reproducible tests).
+    #[track_caller]
     pub fn seed(self, seed: u64) -> Self {
         self.with(|c| c.seed = Some(seed))
     }
 
     /// The layer's counters.
     pub fn handle(&self) -> RetryHandle {
-        RetryHandle(self.shared.stats.clone())
+        RetryHandle(self.shared().stats.clone())
     }
 }
 
@@ -266,16 +286,16 @@ impl Default for BackoffRetryLayer {
 
 impl fmt::Debug for BackoffRetryLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.shared;
+        let c = self.inner.config();
         f.debug_struct("BackoffRetryLayer")
-            .field("backoff", &s.backoff)
-            .field("max_retries", &s.max_retries)
-            .field("max_hinted_retries", &s.max_hinted_retries)
-            .field("deadline", &s.deadline)
-            .field("max_hint_wait", &s.max_hint_wait)
-            .field("hint_jitter", &s.hint_jitter)
-            .field("budget", &s.budget.is_some())
-            .field("stats", &s.stats)
+            .field("backoff", &c.backoff)
+            .field("max_retries", &c.max_retries)
+            .field("max_hinted_retries", &c.max_hinted_retries)
+            .field("deadline", &c.deadline)
+            .field("max_hint_wait", &c.max_hint_wait)
+            .field("hint_jitter", &c.hint_jitter)
+            .field("budget", &c.budget.is_some())
+            .field("stats", &self.inner.made().map(|s| &s.stats))
             .finish()
     }
 }
@@ -284,6 +304,6 @@ impl<S> Layer<S> for BackoffRetryLayer {
     type Service = BackoffRetry<S>;
 
     fn layer(&self, inner: S) -> BackoffRetry<S> {
-        BackoffRetry::new(inner, self.shared.clone())
+        BackoffRetry::new(inner, self.shared())
     }
 }

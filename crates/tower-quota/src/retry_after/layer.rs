@@ -2,6 +2,7 @@ use super::RetryAfter;
 use super::gate::Shared;
 use crate::context::QuotaContext;
 use crate::partition::PartitionKey;
+use crate::util::Configured;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +12,16 @@ use tower::Layer;
 /// Honours the server's word: reads `Retry-After`, `retry-after-ms` and the exhausted buckets'
 /// resets, and pauses the whole partition until then. See the [module docs](super).
 ///
-/// # Clone
+/// # Clone and configuration
 ///
-/// Clones share one set of gates, and so do all the services the layer makes.
+/// Clones share one set of gates, and so do all the services the layer makes. The gates are made
+/// on the layer's first use (its first service or [`handle`](Self::handle)); a setter called after
+/// that panics (the services and handles made would not see it): configure the layer, then clone
+/// and use it.
 #[derive(Clone)]
 #[must_use]
 pub struct RetryAfterLayer {
-    shared: Arc<Shared>,
-    config: Config,
+    inner: Configured<Config, Shared>,
 }
 
 /// What a [`RetryAfterLayer`] was configured with.
@@ -64,21 +67,25 @@ impl RetryAfterLayer {
 
     fn from_config(c: Config) -> Self {
         Self {
-            shared: Arc::new(Shared::new(&c)),
-            config: c,
+            inner: Configured::new(c),
         }
     }
 
+    #[track_caller]
     fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = self.config;
-        f(&mut c);
-        Self::from_config(c)
+        Self {
+            inner: self.inner.with(f),
+        }
+    }
+
+    /// The gates, made on first use.
+    fn shared(&self) -> Arc<Shared> {
+        self.inner.state(Shared::new)
     }
 
     /// The longest a request may wait at a gate; a longer hint fails fast with
     /// [`WaitTooLong`](super::error::WaitTooLong). `None`: no cap (wait as long as the server says).
-    ///
-    /// Builder methods start a fresh set of gates: configure the layer before you clone it.
+    #[track_caller]
     pub fn max_wait(self, cap: Option<Duration>) -> Self {
         self.with(|c| c.max_wait = cap)
     }
@@ -88,6 +95,7 @@ impl RetryAfterLayer {
     /// # Panics
     ///
     /// If `max` is over an hour (a mistake better refused here than met in a request).
+    #[track_caller]
     pub fn jitter(self, max: Duration) -> Self {
         crate::retry::check_setting("gate jitter", max);
         self.with(|c| c.jitter = max)
@@ -95,11 +103,13 @@ impl RetryAfterLayer {
 
     /// The first cooldown inferred after a 429 without any hint (`None`: such a 429 closes no
     /// gate, and only the retry layer's backoff paces its own request).
+    #[track_caller]
     pub fn inferred_cooldown(self, base: Option<Duration>) -> Self {
         self.with(|c| c.inferred = base)
     }
 
     /// Seeds the jitter's random source (for reproducible tests).
+    #[track_caller]
     pub fn seed(self, seed: u64) -> Self {
         self.with(|c| c.seed = Some(seed))
     }
@@ -108,6 +118,7 @@ impl RetryAfterLayer {
     /// may close one (pushed back or failed: [`Outcome::is_retryable_by_default`](crate::classify::Outcome::is_retryable_by_default)) and which 429s
     /// ([`Outcome::RateLimited`](crate::classify::Outcome::RateLimited)) infer a pause, its wall clock reads HTTP-dates without a `Date`
     /// header. Give every layer of a stack the same one.
+    #[track_caller]
     pub fn context(self, ctx: QuotaContext) -> Self {
         self.with(|c| c.ctx = ctx)
     }
@@ -115,6 +126,7 @@ impl RetryAfterLayer {
     /// How many requests may wait at one partition's gate at once (default
     /// [`DEFAULT_MAX_QUEUE`](Self::DEFAULT_MAX_QUEUE)); one more fails at once with
     /// [`QueueFull`](crate::error::QueueFull), whose `retry_at` is the gate's instant.
+    #[track_caller]
     pub fn max_queue(self, bound: usize) -> Self {
         self.with(|c| c.max_queue = bound)
     }
@@ -122,7 +134,7 @@ impl RetryAfterLayer {
     /// A read-only view of the layer's gates.
     pub fn handle(&self) -> RetryAfterHandle {
         RetryAfterHandle {
-            shared: self.shared.clone(),
+            shared: self.shared(),
         }
     }
 }
@@ -162,9 +174,9 @@ impl Default for RetryAfterLayer {
 impl fmt::Debug for RetryAfterLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryAfterLayer")
-            .field("max_wait", &self.config.max_wait)
-            .field("jitter", &self.config.jitter)
-            .field("gates", &self.shared.gates())
+            .field("max_wait", &self.inner.config().max_wait)
+            .field("jitter", &self.inner.config().jitter)
+            .field("gates", &self.inner.made().map_or(0, |s| s.gates()))
             .finish()
     }
 }
@@ -173,6 +185,6 @@ impl<S> Layer<S> for RetryAfterLayer {
     type Service = RetryAfter<S>;
 
     fn layer(&self, inner: S) -> RetryAfter<S> {
-        RetryAfter::new(inner, self.shared.clone())
+        RetryAfter::new(inner, self.shared())
     }
 }

@@ -238,7 +238,10 @@ async fn a_stale_idle_entry_never_forgets_a_busy_key() {
     tokio::time::advance(Duration::from_millis(1_500)).await;
     assert!(matches!(one(5), Admission::Granted { .. }));
     let limits = Limits::new().rpm(60);
-    assert!(store.snapshot_now(key(3), limits).is_none(), "idle key 3 forgotten");
+    assert!(
+        store.snapshot_now(key(3), limits).is_none(),
+        "idle key 3 forgotten"
+    );
     let (level, _) = store.snapshot_now(key(1), limits).unwrap().buckets[0].unwrap();
     assert!((level - 31.0).abs() < 0.01, "busy key 1 kept: {level}");
     // Now both are busy: key 5 until 3 s, key 1 until 31 s. A new key waits for key 5.
