@@ -204,6 +204,22 @@ fn three_prompts() -> Vec<http::Request<Full<Bytes>>> {
         .collect()
 }
 
+/// Sends [`three_prompts`] at once through `pack` over `sim`: each answer's status and
+/// [`Packed`] mark.
+async fn send_three(pack: &PackLayer, sim: &Simulator) -> Vec<(http::StatusCode, Option<Packed>)> {
+    let api = pack.layer(sim.clone());
+    let calls: Vec<_> = three_prompts()
+        .into_iter()
+        .map(|req| tokio::spawn(api.clone().oneshot(req)))
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        let res = call.await.unwrap().unwrap();
+        answers.push((res.status(), res.extensions().get::<Packed>().copied()));
+    }
+    answers
+}
+
 /// A pack asks for at most its model's largest `max_tokens` (summed over its prompts): with the
 /// table naming 64 for the model, three prompts of 32 make a pack of two and a prompt alone, and
 /// the server (which allows 64) refuses nothing. Without the table, the one pack of three is
@@ -218,14 +234,8 @@ async fn a_pack_asks_for_at_most_its_models_largest_max_tokens() {
         if let Some(w) = windows {
             pack = pack.context_windows(w);
         }
-        let api = pack.layer(sim.clone());
-        let calls: Vec<_> = three_prompts()
-            .into_iter()
-            .map(|req| tokio::spawn(api.clone().oneshot(req)))
-            .collect();
-        for call in calls {
-            let res = call.await.unwrap().unwrap();
-            assert_eq!(res.status(), 200);
+        for (status, _) in send_three(&pack, &sim).await {
+            assert_eq!(status, 200);
         }
         (pack.handle(), sim.summary().total)
     };
@@ -252,15 +262,9 @@ async fn a_pack_refused_with_a_400_sends_each_prompt_alone() {
     cfg.context_window = 200;
     let sim = Simulator::new(cfg);
     let pack = PackLayer::new().all(true);
-    let api = pack.layer(sim.clone());
-    let calls: Vec<_> = three_prompts()
-        .into_iter()
-        .map(|req| tokio::spawn(api.clone().oneshot(req)))
-        .collect();
-    for call in calls {
-        let res = call.await.unwrap().unwrap();
-        assert_eq!(res.status(), 200);
-        assert!(res.extensions().get::<Packed>().is_none());
+    for (status, packed) in send_three(&pack, &sim).await {
+        assert_eq!(status, 200);
+        assert!(packed.is_none());
     }
     assert_eq!(pack.handle().packed_calls(), 1);
     assert_eq!(pack.handle().resent_alone(), 3);

@@ -629,7 +629,9 @@ mod configured_once {
         }
     }
 
-    async fn ok(_: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    async fn ok(
+        _: Request<Full<Bytes>>,
+    ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
         Ok(Response::new(Full::default()))
     }
 
@@ -647,7 +649,11 @@ mod configured_once {
         let configured = layer.clone().max_wait(None);
         let clone = layer.clone();
         // The clone's first service makes the state; the original's handle sees it.
-        let res = clone.layer(service_fn(ok)).oneshot(request()).await.unwrap();
+        let res = clone
+            .layer(service_fn(ok))
+            .oneshot(request())
+            .await
+            .unwrap();
         drop(res);
         assert_eq!(layer.handle().admitted(), 1);
         assert_eq!(clone.handle().admitted(), 1);
