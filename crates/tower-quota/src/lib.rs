@@ -109,6 +109,7 @@
 #[macro_use]
 mod macros;
 
+mod admit;
 pub mod batch;
 pub mod body;
 pub mod budget;

@@ -1,81 +1,44 @@
-//! The response future of [`RetryAfter`](super::RetryAfter).
+//! The response future of [`RetryAfter`](super::RetryAfter): the crate's holding future with the
+//! gate's admission.
 
 use super::gate::{Meet, Shared};
 use crate::BoxError;
+use crate::admit::{Admit, Same, admitted_future};
 use crate::classify::Outcome;
 use crate::partition::PartitionKey;
-use http::{Request, Response};
-use pin_project_lite::pin_project;
+use http::Response;
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
-pin_project! {
+admitted_future!(
     /// Waits at the partition's gate, then sends the request and reads the server's hint.
-    pub struct ResponseFuture<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        svc: S,
-        shared: Arc<Shared>,
-        partition: PartitionKey,
-        jitter: Option<Duration>,
-        waited: Option<Instant>,
-        sleep: Option<Pin<Box<Sleep>>>,
-        notified: Option<Pin<Box<OwnedNotified>>>,
-        probe: bool,
-        // Counted among the gate's waiters.
-        waiting: bool,
-        // Past the gate, waiting for the inner service.
-        passed: bool,
-        #[pin]
-        state: State<S::Future, Request<B>>,
-    }
+    Gate,
+    Same
+);
 
-    impl<S, B> PinnedDrop for ResponseFuture<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if *this.probe {
-                // A probe that gives up hands the role to the next waiter.
-                this.shared.probe_done(*this.partition, false);
-            }
-            if *this.waiting {
-                this.shared.leave(*this.partition);
-            }
-        }
-    }
+/// One request at its partition's gate.
+pub(crate) struct Gate {
+    shared: Arc<Shared>,
+    partition: PartitionKey,
+    jitter: Option<Duration>,
+    waited: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    notified: Option<Pin<Box<OwnedNotified>>>,
+    probe: bool,
+    // Counted among the gate's waiters.
+    waiting: bool,
+    // Past the gate.
+    passed: bool,
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State<F, R> {
-        /// Before the call: the request waits here (in the space the inner future takes after).
-        Holding { req: Option<R> },
-        Calling { #[pin] fut: F },
-    }
-}
-
-impl<S, B> ResponseFuture<S, B>
-where
-    S: Service<Request<B>>,
-{
-    pub(crate) fn new(
-        svc: S,
-        req: Request<B>,
-        shared: Arc<Shared>,
-        partition: PartitionKey,
-    ) -> Self {
+impl Gate {
+    pub(crate) fn new(shared: Arc<Shared>, partition: PartitionKey) -> Self {
         Self {
-            svc,
             shared,
             partition,
             jitter: None,
@@ -85,128 +48,121 @@ where
             probe: false,
             waiting: false,
             passed: false,
-            state: State::Holding { req: Some(req) },
         }
     }
 }
 
-impl<S, B> fmt::Debug for ResponseFuture<S, B>
-where
-    S: Service<Request<B>>,
-{
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if self.probe {
+            // A probe that gives up hands the role to the next waiter.
+            self.shared.probe_done(self.partition, false);
+        }
+        if self.waiting {
+            self.shared.leave(self.partition);
+        }
+    }
+}
+
+impl fmt::Debug for Gate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match (&self.state, self.passed) {
-            (State::Calling { .. }, _) => "calling",
-            (_, false) => "gate",
-            (_, true) => "ready",
-        };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("Gate")
             .field("partition", &self.partition)
-            .field("state", &state)
+            .field("passed", &self.passed)
             .finish()
     }
 }
 
-impl<S, B, ResB> Future for ResponseFuture<S, B>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-{
-    type Output = Result<Response<ResB>, BoxError>;
+impl<B> Admit<B> for Gate {
+    type Body<R> = Same<R>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.passed {
+            return Poll::Ready(Ok(()));
+        }
+        let p = self.partition;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Holding { .. } if !*this.passed => {
-                    if let Some(n) = this.notified.as_mut() {
-                        // Waiting for the half-open gate's probe to answer.
-                        ready!(n.as_mut().poll(cx));
-                        *this.notified = None;
+            if let Some(n) = self.notified.as_mut() {
+                // Waiting for the half-open gate's probe to answer.
+                ready!(n.as_mut().poll(cx));
+                self.notified = None;
+            }
+            let mut meet = self.shared.meet(p);
+            loop {
+                match meet {
+                    Meet::Closed(until) => {
+                        let now = Instant::now();
+                        if let Some(err) = self.shared.too_long(p, until, now) {
+                            return Poll::Ready(Err(err.into()));
+                        }
+                        if !self.waiting {
+                            self.shared.enter(p)?;
+                            self.waiting = true;
+                        }
+                        // The jitter is drawn once, the first time the request meets a closed
+                        // gate, and only ever adds to the server's instant.
+                        let shared = &self.shared;
+                        let jitter = *self.jitter.get_or_insert_with(|| shared.draw_jitter());
+                        self.waited = Some(until);
+                        tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
+                        ready!(crate::util::sleep_until(&mut self.sleep, until + jitter, cx));
+                        break;
                     }
-                    let p = *this.partition;
-                    let mut meet = this.shared.meet(p);
-                    loop {
-                        match meet {
-                            Meet::Closed(until) => {
-                                let now = Instant::now();
-                                if let Some(err) = this.shared.too_long(p, until, now) {
-                                    return Poll::Ready(Err(err.into()));
-                                }
-                                if !*this.waiting {
-                                    this.shared.enter(p)?;
-                                    *this.waiting = true;
-                                }
-                                // The jitter is drawn once, the first time the request meets a
-                                // closed gate, and only ever adds to the server's instant.
-                                let jitter =
-                                    *this.jitter.get_or_insert_with(|| this.shared.draw_jitter());
-                                *this.waited = Some(until);
-                                tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
-                                ready!(crate::util::sleep_until(this.sleep, until + jitter, cx));
+                    Meet::Probing(notify) => {
+                        // Register first, then look again: a probe that answers in between still
+                        // wakes this request.
+                        let n = Box::pin(notify.notified_owned());
+                        match self.shared.meet(p) {
+                            Meet::Probing(_) => {
+                                self.notified = Some(n);
                                 break;
                             }
-                            Meet::Probing(notify) => {
-                                // Register first, then look again: a probe that answers in
-                                // between still wakes this request.
-                                let n = Box::pin(notify.notified_owned());
-                                match this.shared.meet(p) {
-                                    Meet::Probing(_) => {
-                                        *this.notified = Some(n);
-                                        break;
-                                    }
-                                    again => meet = again,
-                                }
-                            }
-                            Meet::Pass { probe } => {
-                                *this.probe |= probe;
-                                if std::mem::take(this.waiting) {
-                                    this.shared.leave(p);
-                                }
-                                if let Some(until) = *this.waited {
-                                    // Released by a probe's answer: keep this request's own
-                                    // jitter, so the herd spreads out behind the probe.
-                                    let deadline = until + this.jitter.unwrap_or_default();
-                                    if Instant::now() < deadline {
-                                        ready!(crate::util::sleep_until(this.sleep, deadline, cx));
-                                    }
-                                }
-                                *this.passed = true;
-                                break;
-                            }
+                            again => meet = again,
                         }
                     }
-                }
-                StateProj::Holding { req } => {
-                    ready!(this.svc.poll_ready(cx)).map_err(Into::into)?;
-                    let req = req.take().expect("request sent once");
-                    crate::wire::sent(req.extensions());
-                    let fut = this.svc.call(req);
-                    this.state.set(State::Calling { fut });
-                }
-                StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
-                    let closed = match result {
-                        Ok(mut res) => {
-                            let (outcome, closed) = this.shared.observe(*this.partition, &mut res);
-                            if outcome == Outcome::Success {
-                                this.shared.succeeded(*this.partition);
-                            }
-                            if *this.probe {
-                                *this.probe = false;
-                                this.shared.probe_done(*this.partition, !closed);
-                            }
-                            return Poll::Ready(Ok(res));
+                    Meet::Pass { probe } => {
+                        self.probe |= probe;
+                        if std::mem::take(&mut self.waiting) {
+                            self.shared.leave(p);
                         }
-                        Err(e) => e,
-                    };
-                    if *this.probe {
-                        *this.probe = false;
-                        this.shared.probe_done(*this.partition, false);
+                        if let Some(until) = self.waited {
+                            // Released by a probe's answer: keep this request's own jitter, so
+                            // the herd spreads out behind the probe.
+                            let deadline = until + self.jitter.unwrap_or_default();
+                            if Instant::now() < deadline {
+                                ready!(crate::util::sleep_until(&mut self.sleep, deadline, cx));
+                            }
+                        }
+                        self.passed = true;
+                        return Poll::Ready(Ok(()));
                     }
-                    return Poll::Ready(Err(closed));
                 }
             }
         }
+    }
+
+    fn answered<R>(
+        &mut self,
+        result: Result<Response<R>, BoxError>,
+    ) -> Result<Response<R>, BoxError> {
+        let e = match result {
+            Ok(mut res) => {
+                let (outcome, closed) = self.shared.observe(self.partition, &mut res);
+                if outcome == Outcome::Success {
+                    self.shared.succeeded(self.partition);
+                }
+                if self.probe {
+                    self.probe = false;
+                    self.shared.probe_done(self.partition, !closed);
+                }
+                return Ok(res);
+            }
+            Err(e) => e,
+        };
+        if self.probe {
+            self.probe = false;
+            self.shared.probe_done(self.partition, false);
+        }
+        Err(e)
     }
 }

@@ -53,6 +53,10 @@ where
         crate::wire::pending(req.extensions());
         // Last before the wire: read the partition a layer above cached, cache nothing.
         let partition = self.shared.ctx.partition_here(&req);
-        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), partition)
+        ResponseFuture::new(
+            self.inner.clone(),
+            req,
+            super::future::Gate::new(self.shared.clone(), partition),
+        )
     }
 }
