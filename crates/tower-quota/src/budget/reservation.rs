@@ -205,6 +205,11 @@ impl NotSent {
         }
     }
 
+    /// The mark the layers inside flip as they hold and hand on the request.
+    pub(crate) fn wire_mark(&self) -> WireMark {
+        self.handle.as_ref().expect("not answered yet").wire_mark()
+    }
+
     /// The request was handed to the inner service.
     pub(crate) fn handed_on(&mut self) {
         self.handed_on = true;

@@ -1,5 +1,5 @@
 use super::body::BudgetBody;
-use super::future::ResponseFuture;
+use super::future::{Reserve, ResponseFuture};
 use super::shared::Shared;
 use super::window::{Verdict, model_of};
 use super::{Cost, Limits, TokenBudgetLayer};
@@ -100,11 +100,7 @@ where
         ResponseFuture::new(
             self.inner.clone(),
             req,
-            shared.clone(),
-            partition,
-            cost,
-            verdict,
-            span,
+            Reserve::new(shared.clone(), partition, cost, verdict, span),
         )
     }
 }

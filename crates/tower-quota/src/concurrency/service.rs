@@ -90,6 +90,10 @@ where
                 Slots::new(self.shared.limiters(p), p, self.shared.max_queue)
             }
         };
-        ResponseFuture::new(self.inner.clone(), req, self.shared.clone(), slots)
+        ResponseFuture::new(
+            self.inner.clone(),
+            req,
+            super::future::Slot::new(self.shared.clone(), slots),
+        )
     }
 }

@@ -105,7 +105,11 @@ impl<B> Admit<B> for Gate {
                         let jitter = *self.jitter.get_or_insert_with(|| shared.draw_jitter());
                         self.waited = Some(until);
                         tracing::trace!(partition = %p, wait_ms = (until + jitter - now).as_millis() as u64, "retry-after: waiting at gate");
-                        ready!(crate::util::sleep_until(&mut self.sleep, until + jitter, cx));
+                        ready!(crate::util::sleep_until(
+                            &mut self.sleep,
+                            until + jitter,
+                            cx
+                        ));
                         break;
                     }
                     Meet::Probing(notify) => {
