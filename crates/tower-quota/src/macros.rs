@@ -37,3 +37,42 @@ macro_rules! inner_service {
         }
     };
 }
+
+/// The shell of a layer whose settings and state live in a
+/// [`Configured`](crate::util::Configured) field `inner` (settings `Config`, state `Shared`):
+/// `from_config`, the state made by `make` on first use (`shared`), the setters' `with` (which
+/// runs `check` on the new settings, if given) and the `Layer` impl.
+macro_rules! configured_layer {
+    ($layer:ident => $service:ident, make: $make:expr $(, check: $check:expr)?) => {
+        impl $layer {
+            fn from_config(config: Config) -> Self {
+                Self {
+                    inner: crate::util::Configured::new(config),
+                }
+            }
+
+            /// The state, made on first use.
+            pub(super) fn shared(&self) -> std::sync::Arc<Shared> {
+                self.inner.state($make)
+            }
+
+            #[track_caller]
+            fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+                Self {
+                    inner: self.inner.with(|c| {
+                        f(c);
+                        $(($check)(&*c);)?
+                    }),
+                }
+            }
+        }
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+
+            fn layer(&self, inner: S) -> $service<S> {
+                $service::new(inner, self.shared())
+            }
+        }
+    };
+}

@@ -72,7 +72,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tower::{Layer, Service};
+use tower::Service;
 
 /// Marks a request as deferrable (a request extension): it may be answered through a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -143,30 +143,6 @@ impl BatchLayer {
         })
     }
 
-    fn from_config(config: Config) -> Self {
-        Self {
-            inner: Configured::new(config),
-        }
-    }
-
-    /// The state, made on first use.
-    fn shared(&self) -> Arc<Shared> {
-        self.inner.state(|config| Shared {
-            config: config.clone(),
-            groups: Arc::new(Groups::new()),
-            next: AtomicU64::new(0),
-            stats: Stats::default(),
-            live: Mutex::new(Vec::new()),
-        })
-    }
-
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(f),
-        }
-    }
-
     /// Defer every request, marked or not.
     #[track_caller]
     pub fn all(self, on: bool) -> Self {
@@ -219,13 +195,13 @@ impl BatchLayer {
     }
 }
 
-impl<S> Layer<S> for BatchLayer {
-    type Service = Batch<S>;
-
-    fn layer(&self, inner: S) -> Batch<S> {
-        Batch::new(inner, self.shared())
-    }
-}
+configured_layer!(BatchLayer => Batch, make: |config| Shared {
+    config: config.clone(),
+    groups: Arc::new(Groups::new()),
+    next: AtomicU64::new(0),
+    stats: Stats::default(),
+    live: Mutex::new(Vec::new()),
+});
 
 /// What a [`BatchLayer`] is doing.
 #[derive(Clone)]

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use tower::Layer;
 #[derive(Clone)]
 struct Config {
     limits: Limits,
@@ -80,44 +79,6 @@ impl TokenBudgetLayer {
             max_partitions: MemoryStore::DEFAULT_MAX_PARTITIONS,
             windows: None,
         })
-    }
-
-    fn from_config(config: Config) -> Self {
-        Self {
-            inner: Configured::new(config),
-        }
-    }
-
-    /// The queues and counters, made on first use.
-    pub(super) fn shared(&self) -> Arc<Shared> {
-        self.inner.state(|config| Shared {
-            limits: config.limits,
-            per_partition: config.per_partition.clone(),
-            global: config.global,
-            store: config.store.clone(),
-            estimator: config.estimator.clone(),
-            ctx: config.ctx.clone(),
-            max_wait: config.max_wait,
-            max_probe: config.max_probe,
-            max_queue: config.max_queue,
-            learn: config.learn,
-            reconcile: config.reconcile,
-            windows: config.windows.clone(),
-            inference: Default::default(),
-            turns: Mutex::new(HashMap::new()),
-            sweep: crate::util::Sweep::new(config.max_partitions),
-            global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
-            queued: AtomicUsize::new(0),
-            waits: AtomicU64::new(0),
-            admitted: AtomicU64::new(0),
-        })
-    }
-
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(f),
-        }
     }
 
     /// Limits for particular partitions (keys of different tiers): `rule` returns a partition's
@@ -254,14 +215,6 @@ impl fmt::Debug for TokenBudgetLayer {
     }
 }
 
-impl<S> Layer<S> for TokenBudgetLayer {
-    type Service = TokenBudget<S>;
-
-    fn layer(&self, inner: S) -> TokenBudget<S> {
-        TokenBudget::new(inner, self.shared())
-    }
-}
-
 /// A cheap, read-only view of a [`TokenBudgetLayer`]'s state.
 #[derive(Clone)]
 pub struct BudgetHandle {
@@ -308,3 +261,28 @@ impl fmt::Debug for BudgetHandle {
             .finish()
     }
 }
+
+configured_layer!(
+    TokenBudgetLayer => TokenBudget,
+    make: |config| Shared {
+        limits: config.limits,
+        per_partition: config.per_partition.clone(),
+        global: config.global,
+        store: config.store.clone(),
+        estimator: config.estimator.clone(),
+        ctx: config.ctx.clone(),
+        max_wait: config.max_wait,
+        max_probe: config.max_probe,
+        max_queue: config.max_queue,
+        learn: config.learn,
+        reconcile: config.reconcile,
+        windows: config.windows.clone(),
+        inference: Default::default(),
+        turns: Mutex::new(HashMap::new()),
+        sweep: crate::util::Sweep::new(config.max_partitions),
+        global_turn: config.global.map(|_| Arc::new(Semaphore::new(1))),
+        queued: AtomicUsize::new(0),
+        waits: AtomicU64::new(0),
+        admitted: AtomicU64::new(0),
+    }
+);

@@ -8,7 +8,6 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tower::Layer;
 
 /// The slots one request takes, in order (its partition's, then the global cap's when there is
 /// one), and how many of them it holds. Each held slot is a semaphore permit forgotten when taken
@@ -182,11 +181,6 @@ impl ConcurrencyLimitLayer {
     /// about 230 bytes beyond its request).
     pub const DEFAULT_MAX_QUEUE: usize = 10_000;
 
-    /// The limits, made on first use.
-    fn shared(&self) -> Arc<Shared> {
-        self.inner.state(Self::make)
-    }
-
     fn make(config: &Config) -> Shared {
         let mode = match config.per_partition {
             None => Mode::Shared(Limiter::new(
@@ -212,23 +206,14 @@ impl ConcurrencyLimitLayer {
         }
     }
 
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(f),
-        }
-    }
-
     fn build(policy: LimitKind) -> Self {
-        Self {
-            inner: Configured::new(Config {
-                policy,
-                per_partition: None,
-                global_cap: None,
-                max_queue: Self::DEFAULT_MAX_QUEUE,
-                ctx: QuotaContext::new(),
-            }),
-        }
+        Self::from_config(Config {
+            policy,
+            per_partition: None,
+            global_cap: None,
+            max_queue: Self::DEFAULT_MAX_QUEUE,
+            ctx: QuotaContext::new(),
+        })
     }
 
     /// At most `limit` requests in flight.
@@ -333,14 +318,6 @@ impl fmt::Debug for ConcurrencyLimitLayer {
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
-
-    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit::new(inner, self.shared())
-    }
-}
-
 /// A cheap, read-only view of a [`ConcurrencyLimitLayer`]'s state, summed over its partitions.
 #[derive(Clone)]
 pub struct ConcurrencyHandle {
@@ -429,3 +406,5 @@ impl fmt::Debug for ConcurrencyHandle {
             .finish()
     }
 }
+
+configured_layer!(ConcurrencyLimitLayer => ConcurrencyLimit, make: ConcurrencyLimitLayer::make);

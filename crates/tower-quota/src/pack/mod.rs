@@ -101,7 +101,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 /// Marks a request as packable (a request extension), when the layer does not pack every request
 /// ([`PackLayer::all`]).
@@ -200,28 +200,6 @@ impl PackLayer {
         })
     }
 
-    fn from_config(config: Config) -> Self {
-        Self {
-            inner: Configured::new(config),
-        }
-    }
-
-    /// The state, made on first use.
-    fn shared(&self) -> Arc<Shared> {
-        self.inner.state(|config| Shared {
-            config: config.clone(),
-            groups: Arc::new(Groups::new()),
-            stats: Stats::default(),
-        })
-    }
-
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(f),
-        }
-    }
-
     /// Pack every packable request, marked or not.
     #[track_caller]
     pub fn all(self, on: bool) -> Self {
@@ -273,13 +251,11 @@ impl PackLayer {
     }
 }
 
-impl<S> Layer<S> for PackLayer {
-    type Service = Pack<S>;
-
-    fn layer(&self, inner: S) -> Pack<S> {
-        Pack::new(inner, self.shared())
-    }
-}
+configured_layer!(PackLayer => Pack, make: |config| Shared {
+    config: config.clone(),
+    groups: Arc::new(Groups::new()),
+    stats: Stats::default(),
+});
 
 /// What a [`PackLayer`] did so far.
 #[derive(Clone)]

@@ -7,7 +7,6 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tower::Layer;
 use tower::retry::budget::{Budget, TpsBudget};
 
 pub(crate) struct Shared {
@@ -135,40 +134,6 @@ impl BackoffRetryLayer {
             ctx: QuotaContext::new(),
             seed: None,
         })
-    }
-
-    fn from_config(c: Config) -> Self {
-        Self {
-            inner: Configured::new(c),
-        }
-    }
-
-    /// The loop's state, made on first use.
-    fn shared(&self) -> Arc<Shared> {
-        self.inner.state(|c| Shared {
-            backoff: c.backoff,
-            max_retries: c.max_retries,
-            max_hinted_retries: c.max_hinted_retries,
-            deadline: c.deadline,
-            max_hint_wait: c.max_hint_wait,
-            hint_jitter: c.hint_jitter,
-            attempt_timeout: c.attempt_timeout,
-            budget: c.budget.clone(),
-            ctx: c.ctx.clone(),
-            rng: Mutex::new(crate::util::small_rng(c.seed)),
-            stats: Arc::new(StatsInner::default()),
-        })
-    }
-
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(|c| {
-                f(c);
-                c.backoff.check();
-                super::backoff::check_setting("hint jitter", c.hint_jitter);
-            }),
-        }
     }
 
     /// The backoff.
@@ -300,10 +265,23 @@ impl fmt::Debug for BackoffRetryLayer {
     }
 }
 
-impl<S> Layer<S> for BackoffRetryLayer {
-    type Service = BackoffRetry<S>;
-
-    fn layer(&self, inner: S) -> BackoffRetry<S> {
-        BackoffRetry::new(inner, self.shared())
+configured_layer!(
+    BackoffRetryLayer => BackoffRetry,
+    make: |c| Shared {
+        backoff: c.backoff,
+        max_retries: c.max_retries,
+        max_hinted_retries: c.max_hinted_retries,
+        deadline: c.deadline,
+        max_hint_wait: c.max_hint_wait,
+        hint_jitter: c.hint_jitter,
+        attempt_timeout: c.attempt_timeout,
+        budget: c.budget.clone(),
+        ctx: c.ctx.clone(),
+        rng: Mutex::new(crate::util::small_rng(c.seed)),
+        stats: Arc::new(StatsInner::default()),
+    },
+    check: |c: &Config| {
+        c.backoff.check();
+        super::backoff::check_setting("hint jitter", c.hint_jitter);
     }
-}
+);

@@ -7,7 +7,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::Layer;
 
 /// Honours the server's word: reads `Retry-After`, `retry-after-ms` and the exhausted buckets'
 /// resets, and pauses the whole partition until then. See the [module docs](super).
@@ -63,24 +62,6 @@ impl RetryAfterLayer {
             max_queue: Self::DEFAULT_MAX_QUEUE,
             seed: None,
         })
-    }
-
-    fn from_config(c: Config) -> Self {
-        Self {
-            inner: Configured::new(c),
-        }
-    }
-
-    #[track_caller]
-    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
-        Self {
-            inner: self.inner.with(f),
-        }
-    }
-
-    /// The gates, made on first use.
-    fn shared(&self) -> Arc<Shared> {
-        self.inner.state(Shared::new)
     }
 
     /// The longest a request may wait at a gate; a longer hint fails fast with
@@ -181,10 +162,4 @@ impl fmt::Debug for RetryAfterLayer {
     }
 }
 
-impl<S> Layer<S> for RetryAfterLayer {
-    type Service = RetryAfter<S>;
-
-    fn layer(&self, inner: S) -> RetryAfter<S> {
-        RetryAfter::new(inner, self.shared())
-    }
-}
+configured_layer!(RetryAfterLayer => RetryAfter, make: Shared::new);
