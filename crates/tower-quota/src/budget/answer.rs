@@ -1,21 +1,29 @@
-//! What the budget does once its inner service answers (settle, learn, release a probe's turn,
-//! wrap the body), and its refusal of a request whose partition's queue is full.
+//! What the budget does with an admitted request: send it (marked for the layers inside), watch a
+//! probe's deadline while it is out, and once its inner service answers settle, learn, release a
+//! probe's turn and wrap the body; and its refusal of a request whose partition's queue is full.
 
 use super::Bucket;
 use super::body::BudgetBody;
+use super::future::Reserve;
 use super::reservation::{NotSent, ReservationHandle, drive};
 use super::shared::{Queue, Shared};
 use super::store::Learned;
 use crate::BoxError;
+use crate::admit::Admit;
 use crate::classify::{Outcome, TransportKind};
 use crate::error::QueueFull;
 use crate::partition::PartitionKey;
 use crate::signals::Signals;
+use http::Request;
 use http::Response;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tower::Service;
 
 /// The refusal of a request that found `waiting` requests of its partition queued: `retry_at`
 /// estimates the time they need at the partition's request rate (a second if it is not known).
@@ -166,5 +174,58 @@ fn settle_answer<R>(
                 }
             });
         }
+    }
+}
+
+impl<B> Admit<B> for Reserve {
+    type Body<R> = BudgetBody<R>;
+
+    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.admit(cx)
+    }
+
+    fn send<S: Service<Request<B>>>(&mut self, svc: &mut S, mut req: Request<B>) -> S::Future {
+        if let Some(n) = self.not_sent.as_mut() {
+            crate::wire::mark(req.extensions_mut(), n.wire_mark());
+            n.handed_on();
+        }
+        let _entered = self.span.as_ref().map(|s| s.enter());
+        svc.call(req)
+    }
+
+    fn poll_call<F: Future>(&mut self, fut: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let polled = {
+            let _entered = self.span.as_ref().map(|s| s.enter());
+            fut.poll(cx)
+        };
+        if polled.is_pending() && self.probe {
+            // A probe holds its partition's queue for a bounded time only.
+            let until = self.probe_until.expect("a probe's deadline");
+            if crate::util::sleep_until(&mut self.sleep, until, cx).is_ready() {
+                self.probe = false;
+                self.own.probed.store(true, Ordering::SeqCst);
+                self.turn = None;
+                tracing::debug!(
+                    partition = %self.partition,
+                    "budget: probe unanswered, the queue moves on"
+                );
+            }
+        }
+        polled
+    }
+
+    fn answered<R>(
+        &mut self,
+        result: Result<Response<R>, BoxError>,
+    ) -> Result<Response<BudgetBody<R>>, BoxError> {
+        answer(
+            &self.shared,
+            self.partition,
+            &self.own,
+            &mut self.turn,
+            &mut self.probe,
+            &mut self.not_sent,
+            result,
+        )
     }
 }

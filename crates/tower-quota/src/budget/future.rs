@@ -1,7 +1,7 @@
 //! The response future of [`TokenBudget`](super::TokenBudget).
 
 use super::Cost;
-use super::answer::{answer, queue_full};
+use super::answer::queue_full;
 use super::body::BudgetBody;
 use super::error::BudgetError;
 use super::reservation::{NotSent, ReservationHandle};
@@ -9,13 +9,11 @@ use super::shared::{BLIND_HELD, BLIND_POLL, Queue, Shared};
 use super::store::{Admission, StoreFuture};
 use super::window::{CountFuture, Verdict};
 use crate::BoxError;
-use crate::admit::{Admit, admitted_future};
+use crate::admit::admitted_future;
 use crate::metrics::Refusal;
 use crate::partition::PartitionKey;
 use crate::util::{Acquire, poll_acquire};
-use http::{Request, Response};
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,7 +21,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
 admitted_future!(
     /// Reserves the request's cost (waiting in FIFO order), sends it, settles and learns from the
@@ -38,23 +35,23 @@ admitted_future!(
 /// One request's reservation: its turn in its partition's queue, the store's answer, and once
 /// admitted the reservation itself until the answer settles it.
 pub(crate) struct Reserve {
-    shared: Arc<Shared>,
-    partition: PartitionKey,
+    pub(super) shared: Arc<Shared>,
+    pub(super) partition: PartitionKey,
     cost: Cost,
-    own: Arc<Queue>,
-    turn: Option<OwnedSemaphorePermit>,
+    pub(super) own: Arc<Queue>,
+    pub(super) turn: Option<OwnedSemaphorePermit>,
     global_turn: Option<OwnedSemaphorePermit>,
     acquire: Option<Acquire>,
     asking: Option<StoreFuture<'static, Admission>>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    pub(super) sleep: Option<Pin<Box<Sleep>>>,
     phase: Phase,
     queued: bool,
-    probe: bool,
-    probe_until: Option<Instant>,
-    not_sent: Option<NotSent>,
+    pub(super) probe: bool,
+    pub(super) probe_until: Option<Instant>,
+    pub(super) not_sent: Option<NotSent>,
     // The request's GenAI span, boxed when a subscriber wants it (a waiter holds 8 bytes for it,
     // not 40).
-    span: Option<Box<tracing::Span>>,
+    pub(super) span: Option<Box<tracing::Span>>,
 }
 
 impl Drop for Reserve {
@@ -166,7 +163,7 @@ impl fmt::Debug for Reserve {
 
 impl Reserve {
     /// Until admitted; a request that has to wait is stamped with when it began.
-    fn admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    pub(super) fn admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let polled = self.step(cx);
         // Waiting in the queue: the wait is measured from here.
         if polled.is_pending() && self.queued && self.probe_until.is_none() {
@@ -363,58 +360,5 @@ impl Reserve {
                 Phase::Ready => return Poll::Ready(Ok(())),
             }
         }
-    }
-}
-
-impl<B> Admit<B> for Reserve {
-    type Body<R> = BudgetBody<R>;
-
-    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.admit(cx)
-    }
-
-    fn send<S: Service<Request<B>>>(&mut self, svc: &mut S, mut req: Request<B>) -> S::Future {
-        if let Some(n) = self.not_sent.as_mut() {
-            crate::wire::mark(req.extensions_mut(), n.wire_mark());
-            n.handed_on();
-        }
-        let _entered = self.span.as_ref().map(|s| s.enter());
-        svc.call(req)
-    }
-
-    fn poll_call<F: Future>(&mut self, fut: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let polled = {
-            let _entered = self.span.as_ref().map(|s| s.enter());
-            fut.poll(cx)
-        };
-        if polled.is_pending() && self.probe {
-            // A probe holds its partition's queue for a bounded time only.
-            let until = self.probe_until.expect("a probe's deadline");
-            if crate::util::sleep_until(&mut self.sleep, until, cx).is_ready() {
-                self.probe = false;
-                self.own.probed.store(true, Ordering::SeqCst);
-                self.turn = None;
-                tracing::debug!(
-                    partition = %self.partition,
-                    "budget: probe unanswered, the queue moves on"
-                );
-            }
-        }
-        polled
-    }
-
-    fn answered<R>(
-        &mut self,
-        result: Result<Response<R>, BoxError>,
-    ) -> Result<Response<BudgetBody<R>>, BoxError> {
-        answer(
-            &self.shared,
-            self.partition,
-            &self.own,
-            &mut self.turn,
-            &mut self.probe,
-            &mut self.not_sent,
-            result,
-        )
     }
 }

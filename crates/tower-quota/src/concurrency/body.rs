@@ -1,4 +1,4 @@
-use super::layer::Permit;
+use super::slots::Permit;
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;

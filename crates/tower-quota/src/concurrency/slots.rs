@@ -2,7 +2,6 @@
 //! Shared by the service (which reserves in `poll_ready` when one limit serves every request) and
 //! the response future (which takes them itself when the limit depends on the request).
 
-use super::layer::Permit;
 use super::limiter::Limiter;
 use crate::error::QueueFull;
 use crate::partition::PartitionKey;
@@ -152,4 +151,76 @@ pub(crate) fn poll_reserve(
         *reserved = None;
     }
     Poll::Ready(())
+}
+
+/// The slots one request takes, in order (its partition's, then the global cap's when there is
+/// one), and how many of them it holds. Each held slot is a semaphore permit forgotten when taken
+/// and given back by [`Limiter::release`] on drop, so a slot costs no permit value of its own.
+pub(crate) struct Permit {
+    limiters: [Option<Arc<Limiter>>; 2],
+    held: usize,
+    /// When the request was sent (for the round trip to the end of its body).
+    sent_at: Option<tokio::time::Instant>,
+}
+
+impl Permit {
+    pub(crate) fn new(limiters: [Option<Arc<Limiter>>; 2]) -> Self {
+        Self {
+            limiters,
+            held: 0,
+            sent_at: None,
+        }
+    }
+
+    /// The request was sent at `at`.
+    pub(crate) fn sent(&mut self, at: tokio::time::Instant) {
+        self.sent_at = Some(at);
+    }
+
+    /// When the request was sent, if it was.
+    pub(crate) fn sent_at(&self) -> Option<tokio::time::Instant> {
+        self.sent_at
+    }
+
+    /// Its response body ended: the round trip from the send to the body's end is recorded.
+    pub(crate) fn body_ended(&self) {
+        if let (Some(own), Some(at)) = (self.own(), self.sent_at) {
+            let rtt = tokio::time::Instant::now().saturating_duration_since(at);
+            own.metrics.to_body_end.record(rtt.as_secs_f64());
+        }
+    }
+
+    /// The next limiter to take a slot of, if any.
+    pub(crate) fn next(&self) -> Option<&Arc<Limiter>> {
+        self.limiters.get(self.held).and_then(Option::as_ref)
+    }
+
+    /// Whether the slot of the first limiter (the partition's own) is the next to take.
+    pub(crate) fn at_own(&self) -> bool {
+        self.held == 0
+    }
+
+    /// The next limiter's slot was taken (its permit forgotten).
+    pub(crate) fn took(&mut self) {
+        self.held += 1;
+    }
+
+    /// The partition's own limiter.
+    pub(crate) fn own(&self) -> Option<&Arc<Limiter>> {
+        self.limiters[0].as_ref()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        for limiter in self.limiters[..self.held].iter().flatten() {
+            limiter.release();
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Permit")
+    }
 }

@@ -150,8 +150,10 @@ impl fmt::Display for PackError {
 
 impl std::error::Error for PackError {}
 
+mod protocol;
 mod run;
-use run::{Config, Shared, Stats, prompt_of};
+use protocol::prompt_of;
+use run::{Config, Shared, Stats};
 
 /// Packs small prompts into one Messages call. See the [module docs](self).
 ///
