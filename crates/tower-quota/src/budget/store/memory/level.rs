@@ -165,16 +165,14 @@ impl Level {
         if limit == self.limit {
             return false;
         }
-        {
-            let remains = self.at(now);
-            self.limit = limit;
-            self.level = remains.min(limit.capacity() as f64);
-            // A window across the change would mix two rates, and the server's capacity may have
-            // changed with it.
-            self.window = None;
-            self.peak = 0.0;
-            self.anchored = false;
-        }
+        let remains = self.at(now);
+        self.limit = limit;
+        self.level = remains.min(limit.capacity() as f64);
+        // A window across the change would mix two rates, and the server's capacity may have
+        // changed with it.
+        self.window = None;
+        self.peak = 0.0;
+        self.anchored = false;
         true
     }
 }
@@ -250,11 +248,10 @@ impl Partition {
 /// forgotten, and not indexed), found in O(log n) when the bound is reached, never by a scan.
 ///
 /// The index may say *earlier* than the truth, never later: a request pushes its partition's idle
-/// time later, and re-indexing on every request would cost two tree operations each (a third of
-/// the store's time per request), so an entry is moved only when it would say later than the
-/// truth (a refund, a new limit). [`forget_idle`](Self::forget_idle) corrects the early
-/// entries it meets. Since every entry is at or before its truth, an earliest entry after `now`
-/// proves no partition is idle yet.
+/// time later, and re-indexing on every request would cost two tree operations each, so an entry
+/// is moved only when it would say later than the truth (a refund, a new limit).
+/// [`forget_idle`](Self::forget_idle) corrects the early entries it meets. Since every entry is
+/// at or before its truth, an earliest entry after `now` proves no partition is idle yet.
 #[derive(Debug, Default)]
 pub(super) struct Partitions {
     pub(super) map: HashMap<PartitionKey, Partition>,
