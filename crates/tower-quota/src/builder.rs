@@ -175,6 +175,12 @@ impl Preset {
     /// Gives all four layers one [`QuotaContext`]: one partitioner, one classifier and one wall
     /// clock for the whole stack, so a custom classifier changes every layer's judgement at once
     /// (the retry, the gate's pause, the budget's refund, the adaptive limit's decrease).
+    ///
+    /// # Panics
+    ///
+    /// If a layer is already in use (a handle or a service was made from it): give the context
+    /// first, then read handles and build the stack.
+    #[track_caller]
     pub fn context(self, ctx: QuotaContext) -> Self {
         Self {
             retry: self.retry.context(ctx.clone()),
