@@ -200,6 +200,7 @@ async fn adaptive_concurrency_settles_under_a_server_cap_and_recovers_when_it_li
         min: 1,
         max: 100,
         decrease_ratio: 0.9,
+        latency_tolerance: None,
     });
     let handle: ConcurrencyHandle = concurrency.handle();
     let svc = stack(
@@ -374,4 +375,78 @@ async fn run_key(svc: Svc, key: &'static str, n: usize) -> usize {
         ok += r.unwrap();
     }
     ok
+}
+
+/// A server that slows as it fills (it shares its time among the requests beyond 10) and refuses
+/// beyond 20 (529): AIMD on 529s alone climbs to the refusals, latency doubled on the way; with a
+/// latency tolerance the limit holds where the server starts to slow.
+#[tokio::test(start_paused = true)]
+async fn a_latency_tolerance_holds_a_slowing_server_near_its_capacity() {
+    let mut results = Vec::new();
+    for tolerance in [None, Some(1.5)] {
+        let sim = Simulator::new(
+            SimConfig::new(Limits::unlimited())
+                .with_latency(Duration::from_millis(100), Duration::ZERO)
+                .with_service_capacity(10)
+                .with_max_concurrency(20),
+        );
+        let concurrency = ConcurrencyLimitLayer::adaptive(Aimd {
+            initial: 4,
+            min: 1,
+            max: 100,
+            decrease_ratio: 0.9,
+            latency_tolerance: tolerance,
+        });
+        let handle = concurrency.handle();
+        let svc = stack(
+            &sim,
+            TokenBudgetLayer::new(BudgetLimits::new()),
+            concurrency,
+        );
+        let sampler = {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let (mut limits, mut rtts) = (Vec::new(), Vec::new());
+                for _ in 0..50 {
+                    limits.push(handle.limit());
+                    rtts.push(
+                        handle
+                            .round_trip(tower_quota::partition::PartitionKey::GLOBAL)
+                            .unwrap_or_default(),
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                limits.sort_unstable();
+                rtts.sort_unstable();
+                (limits[limits.len() / 2], rtts[rtts.len() / 2])
+            })
+        };
+        let r = run(&sim, svc, 50, 40, 10, "sk-slowing").await;
+        assert_eq!(r.failed, 0);
+        let (limit, rtt) = sampler.await.unwrap();
+        let total = r.summary.total;
+        let overloaded = total.overloaded as f64 / total.requests as f64;
+        let throughput = r.ok as f64 / r.elapsed.as_secs_f64();
+        // Little's law: 50 callers one request at a time, so the mean time a request takes.
+        let mean_latency = r.elapsed.as_secs_f64() * 50.0 / r.ok as f64;
+        eprintln!(
+            "tolerance {tolerance:?}: median limit {limit}, median round trip {rtt:?}, 529s {} of \
+             {} ({overloaded:.4}), {throughput:.1}/s, mean time a request {mean_latency:.3} s",
+            total.overloaded, total.requests
+        );
+        results.push((limit, rtt, total.overloaded, throughput));
+    }
+    let (without, with) = (results[0], results[1]);
+    // Without: the limit climbs to the refusals (20) and each round trip doubles.
+    assert!(without.0 >= 18, "{without:?}");
+    // With: held near 1.5 times the capacity, round trips a tenth shorter at least, fewer
+    // refusals, the same throughput (the server's capacity bounds both).
+    assert!(with.0 <= 15, "{with:?}");
+    assert!(
+        with.1.as_secs_f64() <= 0.9 * without.1.as_secs_f64(),
+        "{with:?} {without:?}"
+    );
+    assert!(with.2 < without.2, "{with:?} {without:?}");
+    assert!(with.3 >= 0.97 * without.3, "{with:?} {without:?}");
 }

@@ -398,6 +398,15 @@ fn an_aimd_floor_over_its_ceiling_is_refused_when_the_layer_is_built() {
 }
 
 #[test]
+#[should_panic(expected = "latency_tolerance")]
+fn an_aimd_latency_tolerance_of_one_or_less_is_refused_when_the_layer_is_built() {
+    let _ = ConcurrencyLimitLayer::adaptive(Aimd {
+        latency_tolerance: Some(1.0),
+        ..Aimd::default()
+    });
+}
+
+#[test]
 #[should_panic(expected = "decrease_ratio")]
 fn an_aimd_decrease_that_grows_is_refused_when_the_layer_is_built() {
     let _ = ConcurrencyLimitLayer::adaptive(Aimd {

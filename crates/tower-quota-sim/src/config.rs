@@ -139,6 +139,10 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Requests in flight beyond this many are answered 529 (a server-side concurrency cap).
     pub max_concurrency: Option<usize>,
+    /// Requests the server works on at full speed at once (`None`: any number). Beyond it the
+    /// server shares its time: a request admitted with `n` in flight (itself included) takes
+    /// `n / capacity` times its latency, as a loaded server slows down before it refuses.
+    pub service_capacity: Option<usize>,
     /// Time to the first byte of every admitted response.
     pub base_latency: Duration,
     /// Extra time per output token.
@@ -189,6 +193,7 @@ impl fmt::Debug for SimConfig {
             .field("dialect", &self.dialect)
             .field("faults", &self.faults)
             .field("max_concurrency", &self.max_concurrency)
+            .field("service_capacity", &self.service_capacity)
             .field("base_latency", &self.base_latency)
             .field("per_output_token", &self.per_output_token)
             .field("output_fraction", &self.output_fraction)
@@ -220,6 +225,7 @@ impl SimConfig {
             dialect: Dialect::Anthropic,
             faults: Faults::default(),
             max_concurrency: None,
+            service_capacity: None,
             base_latency: Duration::from_millis(20),
             per_output_token: Duration::ZERO,
             output_fraction: 1.0,
@@ -277,6 +283,18 @@ impl SimConfig {
     /// Sets the injected faults.
     pub fn with_faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// Requests served at full speed at once; beyond, every request slows in proportion (see
+    /// [`service_capacity`](Self::service_capacity)).
+    ///
+    /// # Panics
+    ///
+    /// If `capacity` is 0.
+    pub fn with_service_capacity(mut self, capacity: usize) -> Self {
+        assert!(capacity > 0, "a server serves at least one request at once");
+        self.service_capacity = Some(capacity);
         self
     }
 

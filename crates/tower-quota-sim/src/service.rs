@@ -744,7 +744,10 @@ impl Simulator {
         if slow {
             latency += faults.slow_delay;
         }
-        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let load = self.shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(capacity) = cfg.service_capacity.filter(|&c| load > c) {
+            latency = latency.mul_f64(load as f64 / capacity as f64);
+        }
         Decision::Admit(Box::new(Admitted {
             id: format!("msg_sim_{:08}", st.next_id),
             req,

@@ -80,6 +80,10 @@ struct ServeArgs {
     /// Answer 529 beyond this many requests in flight (0 = no cap).
     #[arg(long, default_value_t = 0)]
     max_concurrency: usize,
+    /// Serve this many requests at full speed at once, and slow every request in proportion
+    /// beyond (0 = no slowing).
+    #[arg(long, default_value_t = 0)]
+    service_capacity: usize,
     /// Base latency of a response, in milliseconds.
     #[arg(long, default_value_t = 20)]
     latency_ms: u64,
@@ -193,6 +197,9 @@ impl ServeArgs {
                 from: secs(self.background_from_s),
                 until: secs(self.background_until_s),
             });
+        }
+        if self.service_capacity > 0 {
+            c = c.with_service_capacity(self.service_capacity);
         }
         if self.max_concurrency > 0 {
             c = c.with_max_concurrency(self.max_concurrency);

@@ -159,8 +159,9 @@ impl ConcurrencyLimitLayer {
     ///
     /// # Panics
     ///
-    /// If `min` is over `max`, or `decrease_ratio` is not in `(0, 1]` (the limit must never grow
-    /// on back-pressure): checked here, so no request ever meets a bad policy.
+    /// If `min` is over `max`, `decrease_ratio` is not in `(0, 1]` (the limit must never grow
+    /// on back-pressure), or a `latency_tolerance` is not over 1 (every round trip would count
+    /// as slow): checked here, so no request ever meets a bad policy.
     pub fn adaptive(aimd: Aimd) -> Self {
         assert!(
             aimd.min <= aimd.max,
@@ -173,6 +174,12 @@ impl ConcurrencyLimitLayer {
             "Aimd: decrease_ratio must be in (0, 1], got {}",
             aimd.decrease_ratio
         );
+        if let Some(tolerance) = aimd.latency_tolerance {
+            assert!(
+                tolerance > 1.0 && tolerance.is_finite(),
+                "Aimd: latency_tolerance must be over 1, got {tolerance}"
+            );
+        }
         Self::build(LimitKind::Aimd(aimd))
     }
 

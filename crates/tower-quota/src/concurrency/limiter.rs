@@ -36,6 +36,21 @@ pub struct Aimd {
     /// The factor applied on back-pressure. Default 0.9 (Vector's, gentler than TCP's 0.5, since a
     /// 429 says "a little less", not "the path is congested").
     pub decrease_ratio: f64,
+    /// Latency as back-pressure: while every slot is busy and the smoothed round trip (send to
+    /// response headers) is over this many times the shortest seen lately, the limit decreases
+    /// as on a 529 (at most once a round trip) instead of growing. A server that slows as it
+    /// fills up (it queues, or shares its time) is then held near where it starts to slow, before
+    /// it refuses. `None` (the default): round trips never move the limit.
+    ///
+    /// Off by default because an LLM API's round trip to the headers of a request that is not
+    /// streamed grows with the output it generates: requests of mixed sizes look like a slowing
+    /// server. Turn it on for streamed requests (their headers come at the first token) or
+    /// requests of one size. Measured against a simulated server that shares its time beyond 10
+    /// requests and refuses beyond 20 (`cargo test -p tests --test admission
+    /// a_latency_tolerance -- --nocapture`), a tolerance of 1.5 held the limit at 14 instead of
+    /// 20, round trips at 166 ms instead of 200, and 529s at 2 of 2 000 instead of 8, with the
+    /// same throughput: the server's capacity bounds it either way, so a caller waits as long.
+    pub latency_tolerance: Option<f64>,
 }
 
 impl Default for Aimd {
@@ -45,6 +60,7 @@ impl Default for Aimd {
             min: 1,
             max: 200,
             decrease_ratio: 0.9,
+            latency_tolerance: None,
         }
     }
 }
@@ -76,6 +92,10 @@ pub(crate) struct Limiter {
     /// The smoothed round trip (send to response headers) in microseconds, 0 before the first:
     /// every policy measures it, for the live state.
     smoothed_rtt_us: AtomicU64,
+    /// The shortest round trip seen lately in microseconds (0 before the first): it drops to a
+    /// shorter one at once and drifts up toward longer ones by 1/256 of the gap each, so a path
+    /// that became slower for good is taken as the new normal within a few hundred answers.
+    floor_rtt_us: AtomicU64,
     /// Its handles in the `metrics` facade.
     pub(crate) metrics: LimiterMetrics,
 }
@@ -111,6 +131,7 @@ impl Limiter {
             whole: AtomicUsize::new(initial),
             owing: AtomicBool::new(false),
             smoothed_rtt_us: AtomicU64::new(0),
+            floor_rtt_us: AtomicU64::new(0),
             metrics,
         })
     }
@@ -196,6 +217,32 @@ impl Limiter {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| {
                 Some(if prev == 0 { us } else { (prev * 4 + us) / 5 })
             });
+        if self.latency_tolerance().is_some() {
+            let _ = self
+                .floor_rtt_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |floor| {
+                    Some(if floor == 0 || us < floor {
+                        us
+                    } else {
+                        floor + (us - floor) / 256
+                    })
+                });
+        }
+    }
+
+    fn latency_tolerance(&self) -> Option<f64> {
+        match self.policy {
+            LimitKind::Aimd(a) => a.latency_tolerance,
+            LimitKind::Fixed(_) => None,
+        }
+    }
+
+    /// Whether the smoothed round trip is over the policy's tolerance of the shortest seen lately.
+    fn inflated(&self, smoothed: Duration) -> bool {
+        let floor = self.floor_rtt_us.load(Ordering::Relaxed);
+        self.latency_tolerance().is_some_and(|tolerance| {
+            floor > 0 && smoothed.as_micros() as f64 > tolerance * floor as f64
+        })
     }
 
     /// The smoothed round trip to the response headers, once one was measured.
@@ -222,7 +269,9 @@ impl Limiter {
         let smoothed = self.smoothed_rtt().unwrap_or_default();
         let mut s = self.lock();
         let (min, max) = (a.min.max(1) as f64, a.max.max(1) as f64);
-        if outcome.is_backpressure() {
+        // A saturated answer that took too long is back-pressure too (see `Aimd::latency_tolerance`).
+        let slow = outcome == Outcome::Success && saturated && self.inflated(smoothed);
+        if outcome.is_backpressure() || slow {
             let recent = s
                 .last_decrease
                 .is_some_and(|t| now.saturating_duration_since(t) < smoothed);
@@ -295,6 +344,7 @@ mod tests {
                 min: 2,
                 max: 6,
                 decrease_ratio: 0.5,
+                latency_tolerance: None,
             }),
             metrics::SharedString::const_str("test"),
         );
@@ -324,6 +374,7 @@ mod tests {
                 min: 1,
                 max: 4,
                 decrease_ratio: 0.5,
+                latency_tolerance: None,
             }),
             metrics::SharedString::const_str("test"),
         );
