@@ -188,6 +188,20 @@ async fn reconciliation_doubles_otpm_bound_goodput_when_output_is_30_percent() {
     assert!(throughput[1] >= 2.0 * throughput[0], "{throughput:?}");
 }
 
+/// The recommended stack with an adaptive limit from 4 (at most 100), no quota: its handle too.
+fn adaptive_stack(sim: &Simulator, latency_tolerance: Option<f64>) -> (Svc, ConcurrencyHandle) {
+    let concurrency = ConcurrencyLimitLayer::adaptive(Aimd {
+        initial: 4,
+        min: 1,
+        max: 100,
+        decrease_ratio: 0.9,
+        latency_tolerance,
+    });
+    let handle = concurrency.handle();
+    let budget = TokenBudgetLayer::new(BudgetLimits::new());
+    (stack(sim, budget, concurrency), handle)
+}
+
 #[tokio::test(start_paused = true)]
 async fn adaptive_concurrency_settles_under_a_server_cap_and_recovers_when_it_lifts() {
     let sim = Simulator::new(
@@ -195,19 +209,7 @@ async fn adaptive_concurrency_settles_under_a_server_cap_and_recovers_when_it_li
             .with_latency(Duration::from_millis(100), Duration::ZERO)
             .with_max_concurrency(10),
     );
-    let concurrency = ConcurrencyLimitLayer::adaptive(Aimd {
-        initial: 4,
-        min: 1,
-        max: 100,
-        decrease_ratio: 0.9,
-        latency_tolerance: None,
-    });
-    let handle: ConcurrencyHandle = concurrency.handle();
-    let svc = stack(
-        &sim,
-        TokenBudgetLayer::new(BudgetLimits::new()),
-        concurrency,
-    );
+    let (svc, handle) = adaptive_stack(&sim, None);
     // Sample the limit every 100 ms from the 5th second on (after the climb from 4).
     let sampler = {
         let handle = handle.clone();
@@ -390,19 +392,7 @@ async fn a_latency_tolerance_holds_a_slowing_server_near_its_capacity() {
                 .with_service_capacity(10)
                 .with_max_concurrency(20),
         );
-        let concurrency = ConcurrencyLimitLayer::adaptive(Aimd {
-            initial: 4,
-            min: 1,
-            max: 100,
-            decrease_ratio: 0.9,
-            latency_tolerance: tolerance,
-        });
-        let handle = concurrency.handle();
-        let svc = stack(
-            &sim,
-            TokenBudgetLayer::new(BudgetLimits::new()),
-            concurrency,
-        );
+        let (svc, handle) = adaptive_stack(&sim, tolerance);
         let sampler = {
             let handle = handle.clone();
             tokio::spawn(async move {
