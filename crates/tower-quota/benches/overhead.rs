@@ -49,6 +49,62 @@ fn ok(_req: Request<Body>) -> Ready<Result<Response<Body>, Infallible>> {
     ready(Ok(Response::new(Full::new(Bytes::new()))))
 }
 
+/// The headers of a typical Anthropic 200 (17, 12 of them rate-limit headers), as every real
+/// answer carries them.
+fn anthropic_headers() -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in [
+        ("date", "Sun, 29 Nov 2026 01:41:47 GMT"),
+        ("content-type", "application/json"),
+        ("request-id", "req_011CSHoEeqs5C35K2UUqR7Fy"),
+        (
+            "anthropic-organization-id",
+            "00000000-0000-0000-0000-000000000000",
+        ),
+        ("via", "1.1 google"),
+        ("anthropic-ratelimit-requests-limit", "4000"),
+        ("anthropic-ratelimit-requests-remaining", "3999"),
+        ("anthropic-ratelimit-requests-reset", "2026-11-29T01:41:48Z"),
+        ("anthropic-ratelimit-tokens-limit", "480000"),
+        ("anthropic-ratelimit-tokens-remaining", "479000"),
+        ("anthropic-ratelimit-tokens-reset", "2026-11-29T01:41:48Z"),
+        ("anthropic-ratelimit-input-tokens-limit", "400000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "400000"),
+        (
+            "anthropic-ratelimit-input-tokens-reset",
+            "2026-11-29T01:41:47Z",
+        ),
+        ("anthropic-ratelimit-output-tokens-limit", "80000"),
+        ("anthropic-ratelimit-output-tokens-remaining", "79000"),
+        (
+            "anthropic-ratelimit-output-tokens-reset",
+            "2026-11-29T01:41:48Z",
+        ),
+    ] {
+        h.insert(
+            http::HeaderName::from_static(n),
+            http::HeaderValue::from_static(v),
+        );
+    }
+    h
+}
+
+/// A service answering with [`anthropic_headers`] (a copy of them per answer).
+fn with_headers() -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = Ready<Result<Response<Body>, Infallible>>,
+> + Clone {
+    // Shared: the layers clone their inner service per request, and that must not copy them.
+    let headers = std::sync::Arc::new(anthropic_headers());
+    service_fn(move |_req: Request<Body>| {
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.headers_mut() = (*headers).clone();
+        ready(Ok(res))
+    })
+}
+
 /// A tower retry policy that never retries (but clones the request, as tower's `Retry` needs).
 #[derive(Clone)]
 struct Never;
@@ -243,6 +299,46 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The same with the headers every real Anthropic answer carries (the layers read them; tower's
+    // do not).
+    g.bench_function("headers/bare_service_fn", |b| {
+        b.iter_custom(|n| run(&rt, with_headers, req, n))
+    });
+    g.bench_function("headers/tower_shared_stack", |b| {
+        b.iter_custom(|n| {
+            let _guard = rt.enter();
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .concurrency_limit(1000)
+                        .layer(tower::retry::RetryLayer::new(Never))
+                        .buffer(1024)
+                        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
+                        .service(with_headers())
+                },
+                req,
+                n,
+            )
+        })
+    });
+    g.bench_function("headers/full_stack", |b| {
+        b.iter_custom(|n| {
+            run(
+                &rt,
+                || {
+                    ServiceBuilder::new()
+                        .layer(BackoffRetryLayer::new())
+                        .layer(TokenBudgetLayer::new(big()))
+                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
+                        .layer(RetryAfterLayer::new())
+                        .service(with_headers())
+                },
+                req,
+                n,
+            )
+        })
+    });
     g.bench_function("messages_estimator_alone", |b| {
         let e = MessagesEstimator::default();
         let (headers, ext) = (http::HeaderMap::new(), http::Extensions::new());
