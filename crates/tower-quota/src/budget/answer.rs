@@ -25,6 +25,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tower::Service;
 
+/// A placeholder in the stack buffer of lessons (never handed to the store).
+const EMPTY_LESSON: Learned = Learned {
+    bucket: Bucket::Requests,
+    limit: None,
+    remaining: None,
+    inferred: false,
+    unseen: 0,
+};
+
 /// The refusal of a request that found `waiting` requests of its partition queued: `retry_at`
 /// estimates the time they need at the partition's request rate (a second if it is not known).
 pub(super) fn queue_full(own: &Queue, waiting: usize) -> QueueFull {
@@ -123,27 +132,35 @@ fn settle_answer<R>(
         }
     }
     if shared.learn {
-        let mut learned: Vec<Learned> = Bucket::ALL
-            .iter()
-            .filter_map(|&b| {
-                let s = signals.bucket(b);
-                (s.limit.is_some() || s.remaining.is_some()).then_some(Learned {
+        // At most one lesson a bucket: on the stack, not in a `Vec` per answer.
+        let mut learned = [EMPTY_LESSON; Bucket::ALL.len()];
+        let mut n = 0;
+        for b in Bucket::ALL {
+            let s = signals.bucket(b);
+            if s.limit.is_some() || s.remaining.is_some() {
+                learned[n] = Learned {
                     bucket: b,
                     limit: s.limit,
                     remaining: s.remaining,
                     inferred: false,
                     unseen: 0,
-                })
-            })
-            .collect();
-        if learned.is_empty() && matches!(outcome, Outcome::Success | Outcome::RateLimited) {
-            // No headers: the request rate is inferred from the 429s.
-            learned.extend(shared.inference.observe(
-                partition,
-                outcome == Outcome::RateLimited,
-                handle.sent_at(),
-            ));
+                };
+                n += 1;
+            }
         }
+        if n == 0 && matches!(outcome, Outcome::Success | Outcome::RateLimited) {
+            // No headers: the request rate is inferred from the 429s.
+            let sent = handle.sent_at();
+            if let Some(l) =
+                shared
+                    .inference
+                    .observe(partition, outcome == Outcome::RateLimited, sent)
+            {
+                learned[0] = l;
+                n = 1;
+            }
+        }
+        let learned = &mut learned[..n];
         if !learned.is_empty() {
             // Written once (every response writing it would bounce its cache line).
             if !own.paced.load(Ordering::Relaxed) && learned.iter().any(|l| l.limit.is_some()) {
@@ -152,7 +169,7 @@ fn settle_answer<R>(
             // The server's count leaves out the requests admitted here and still held in the
             // layers inside (queued for a slot, or behind the gate): they will spend it.
             let held = u64::try_from(own.held.load(Ordering::SeqCst)).unwrap_or(0);
-            for l in &mut learned {
+            for l in learned.iter_mut() {
                 // A configured limit stays the one in force: only a learned one is shown.
                 if let Some(limit) = l
                     .limit
@@ -167,12 +184,20 @@ fn settle_answer<R>(
                     l.unseen = held;
                 }
             }
-            let store = shared.store.clone();
-            drive(async move {
-                if let Err(e) = store.learn(partition, &learned).await {
+            match shared.store.try_learn(partition, learned) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
                     tracing::warn!(error = %e.0, "budget: learning from headers failed");
                 }
-            });
+                None => {
+                    let (store, learned) = (shared.store.clone(), learned.to_vec());
+                    drive(async move {
+                        if let Err(e) = store.learn(partition, &learned).await {
+                            tracing::warn!(error = %e.0, "budget: learning from headers failed");
+                        }
+                    });
+                }
+            }
         }
     }
 }

@@ -234,6 +234,18 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// remaining count pulls a bucket's level down to it (never up).
     fn learn<'a>(&'a self, partition: PartitionKey, learned: &'a [Learned]) -> StoreFuture<'a, ()>;
 
+    /// As [`learn`](Self::learn), done at once when the store can do it without waiting on
+    /// anything; `None` (the default): call `learn`. The budget asks this first, on every answer
+    /// that carries rate-limit headers, so a store that learns here costs no allocation per answer.
+    fn try_learn(
+        &self,
+        partition: PartitionKey,
+        learned: &[Learned],
+    ) -> Option<Result<(), StoreError>> {
+        let _ = (partition, learned);
+        None
+    }
+
     /// The partition's buckets now, with `limits` configured.
     fn snapshot<'a>(
         &'a self,

@@ -385,6 +385,15 @@ impl BudgetStore for MemoryStore {
         Some(Ok(self.reserve_now(scopes, cost)))
     }
 
+    fn try_learn(
+        &self,
+        partition: PartitionKey,
+        learned: &[Learned],
+    ) -> Option<Result<(), StoreError>> {
+        self.learn_now(partition, learned);
+        Some(Ok(()))
+    }
+
     fn adjust<'a>(&'a self, scopes: &'a [Scope], delta: Delta) -> StoreFuture<'a, ()> {
         self.adjust_now(scopes, delta);
         Box::pin(std::future::ready(Ok(())))
