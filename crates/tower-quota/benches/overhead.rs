@@ -26,6 +26,9 @@ use tower_quota::partition::PartitionKey;
 use tower_quota::retry::BackoffRetryLayer;
 use tower_quota::retry_after::RetryAfterLayer;
 
+mod support;
+use support::anthropic_200;
+
 type Body = Full<Bytes>;
 
 const JSON: &str = r#"{"model":"claude-sonnet-5-5","max_tokens":256,"messages":[{"role":"user","content":"Summarise the plot of Hamlet in one line."}]}"#;
@@ -49,47 +52,8 @@ fn ok(_req: Request<Body>) -> Ready<Result<Response<Body>, Infallible>> {
     ready(Ok(Response::new(Full::new(Bytes::new()))))
 }
 
-/// The headers of a typical Anthropic 200 (17, 12 of them rate-limit headers), as every real
-/// answer carries them.
-fn anthropic_headers() -> http::HeaderMap {
-    let mut h = http::HeaderMap::new();
-    for (n, v) in [
-        ("date", "Sun, 29 Nov 2026 01:41:47 GMT"),
-        ("content-type", "application/json"),
-        ("request-id", "req_011CSHoEeqs5C35K2UUqR7Fy"),
-        (
-            "anthropic-organization-id",
-            "00000000-0000-0000-0000-000000000000",
-        ),
-        ("via", "1.1 google"),
-        ("anthropic-ratelimit-requests-limit", "4000"),
-        ("anthropic-ratelimit-requests-remaining", "3999"),
-        ("anthropic-ratelimit-requests-reset", "2026-11-29T01:41:48Z"),
-        ("anthropic-ratelimit-tokens-limit", "480000"),
-        ("anthropic-ratelimit-tokens-remaining", "479000"),
-        ("anthropic-ratelimit-tokens-reset", "2026-11-29T01:41:48Z"),
-        ("anthropic-ratelimit-input-tokens-limit", "400000"),
-        ("anthropic-ratelimit-input-tokens-remaining", "400000"),
-        (
-            "anthropic-ratelimit-input-tokens-reset",
-            "2026-11-29T01:41:47Z",
-        ),
-        ("anthropic-ratelimit-output-tokens-limit", "80000"),
-        ("anthropic-ratelimit-output-tokens-remaining", "79000"),
-        (
-            "anthropic-ratelimit-output-tokens-reset",
-            "2026-11-29T01:41:48Z",
-        ),
-    ] {
-        h.insert(
-            http::HeaderName::from_static(n),
-            http::HeaderValue::from_static(v),
-        );
-    }
-    h
-}
-
-/// A service answering with [`anthropic_headers`] (a copy of them per answer).
+/// A service answering with the headers of a typical Anthropic 200, as every real answer carries
+/// them (a copy of them per answer).
 fn with_headers() -> impl Service<
     Request<Body>,
     Response = Response<Body>,
@@ -97,7 +61,7 @@ fn with_headers() -> impl Service<
     Future = Ready<Result<Response<Body>, Infallible>>,
 > + Clone {
     // Shared: the layers clone their inner service per request, and that must not copy them.
-    let headers = std::sync::Arc::new(anthropic_headers());
+    let headers = std::sync::Arc::new(anthropic_200());
     service_fn(move |_req: Request<Body>| {
         let mut res = Response::new(Full::new(Bytes::new()));
         *res.headers_mut() = (*headers).clone();
@@ -150,6 +114,37 @@ where
     })
 }
 
+/// The only way to share tower's rate limit across clones: `ConcurrencyLimit` > `Retry` >
+/// `Buffer` > `RateLimit`, over `inner`.
+fn tower_shared<S>(
+    inner: S,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error: std::fmt::Debug>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    ServiceBuilder::new()
+        .concurrency_limit(1000)
+        .layer(tower::retry::RetryLayer::new(Never))
+        .buffer(1024)
+        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
+        .service(inner)
+}
+
+/// The full tower-quota stack, in the recommended order (retry > budget > adaptive concurrency >
+/// Retry-After), with limits that never bind, over `inner`.
+fn full_stack<S>(inner: S) -> impl Service<Request<Body>, Response: Sized, Error: std::fmt::Debug>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    ServiceBuilder::new()
+        .layer(BackoffRetryLayer::new())
+        .layer(TokenBudgetLayer::new(big()))
+        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
+        .layer(RetryAfterLayer::new())
+        .service(inner)
+}
+
 fn big() -> Limits {
     Limits::new()
         .rpm(u64::MAX / 4)
@@ -188,23 +183,9 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("tower_shared_stack", |b| {
-        // The only way to share tower's rate limit across clones: ConcurrencyLimit > Retry >
-        // Buffer > RateLimit.
         b.iter_custom(|n| {
             let _guard = rt.enter();
-            run(
-                &rt,
-                || {
-                    ServiceBuilder::new()
-                        .concurrency_limit(1000)
-                        .layer(tower::retry::RetryLayer::new(Never))
-                        .buffer(1024)
-                        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
-                        .service(service_fn(ok))
-                },
-                req,
-                n,
-            )
+            run(&rt, || tower_shared(service_fn(ok)), req, n)
         })
     });
     g.bench_function("tower_buffer_rate_limit", |b| {
@@ -282,21 +263,7 @@ fn bench(c: &mut Criterion) {
         ("full_stack_cost_given", req_with_cost),
     ] {
         g.bench_function(name, |b| {
-            b.iter_custom(|n| {
-                run(
-                    &rt,
-                    || {
-                        ServiceBuilder::new()
-                            .layer(BackoffRetryLayer::new())
-                            .layer(TokenBudgetLayer::new(big()))
-                            .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
-                            .layer(RetryAfterLayer::new())
-                            .service(service_fn(ok))
-                    },
-                    mk_req,
-                    n,
-                )
-            })
+            b.iter_custom(|n| run(&rt, || full_stack(service_fn(ok)), mk_req, n))
         });
     }
     // The same with the headers every real Anthropic answer carries (the layers read them; tower's
@@ -307,37 +274,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("headers/tower_shared_stack", |b| {
         b.iter_custom(|n| {
             let _guard = rt.enter();
-            run(
-                &rt,
-                || {
-                    ServiceBuilder::new()
-                        .concurrency_limit(1000)
-                        .layer(tower::retry::RetryLayer::new(Never))
-                        .buffer(1024)
-                        .rate_limit(u64::MAX / 4, Duration::from_secs(60))
-                        .service(with_headers())
-                },
-                req,
-                n,
-            )
+            run(&rt, || tower_shared(with_headers()), req, n)
         })
     });
     g.bench_function("headers/full_stack", |b| {
-        b.iter_custom(|n| {
-            run(
-                &rt,
-                || {
-                    ServiceBuilder::new()
-                        .layer(BackoffRetryLayer::new())
-                        .layer(TokenBudgetLayer::new(big()))
-                        .layer(ConcurrencyLimitLayer::adaptive(Aimd::default()))
-                        .layer(RetryAfterLayer::new())
-                        .service(with_headers())
-                },
-                req,
-                n,
-            )
-        })
+        b.iter_custom(|n| run(&rt, || full_stack(with_headers()), req, n))
     });
     g.bench_function("messages_estimator_alone", |b| {
         let e = MessagesEstimator::default();
