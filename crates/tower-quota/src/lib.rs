@@ -69,11 +69,13 @@
 //!   it queues.
 //! - Every other service of the crate ([`BackoffRetry`](retry::BackoffRetry),
 //!   [`TokenBudget`](budget::TokenBudget), [`RetryAfter`](retry_after::RetryAfter), and a
-//!   per-partition concurrency limit) is always ready: it clones its inner service and waits in the
-//!   response future (for its turn, its budget, its gate, its slot), then drives the clone to
-//!   readiness and calls it. Waiting there holds nothing of the inner service. A `load_shed()` in
-//!   front of those never sheds; bound the wait instead (each layer has a cap on how long it waits,
-//!   and a timeout outside the stack bounds the whole call).
+//!   per-partition concurrency limit) is always ready. A request admitted at once (the usual case)
+//!   is sent from `call`, as tower's own layers do, when the inner service is ready too; one that
+//!   must wait moves into the response future with a clone of the inner service and waits there
+//!   (for its turn, its budget, its gate, its slot), then drives the clone to readiness and calls
+//!   it. Waiting there holds nothing of the inner service. A `load_shed()` in front of those never
+//!   sheds; bound the wait instead (each layer has a cap on how long it waits, and a timeout
+//!   outside the stack bounds the whole call).
 //!
 //! To test back-pressure, poll the response future (it is pending while the request waits), as
 //! `tests/tests/tokio_test_unit.rs` in the repository shows.

@@ -14,9 +14,10 @@ use tower::Service;
 
 /// The service [`TokenBudgetLayer`] makes. See the [module docs](super).
 ///
-/// It is always ready: the reservation is made in the response future (the partition and the cost
-/// are known only from the request), and the inner service is made ready once it is granted, so a
-/// request waiting for its budget holds nothing of the inner service.
+/// It is always ready: the reservation is made in `call` when there is room (the partition and the
+/// cost are known only from the request), else in the response future, and the inner service is
+/// made ready only once it is granted, so a request waiting for its budget holds nothing of the
+/// inner service.
 pub struct TokenBudget<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -98,7 +99,7 @@ where
             }
         }
         ResponseFuture::new(
-            self.inner.clone(),
+            &mut self.inner,
             req,
             Reserve::new(shared.clone(), partition, cost, verdict, span),
         )

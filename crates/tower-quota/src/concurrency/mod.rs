@@ -31,9 +31,9 @@
 //!   response *body* ends, which is when the server's work ends for a streaming response.
 //! - tower's `ConcurrencyLimitLayer` gives every service it makes its own semaphore (only
 //!   `GlobalConcurrencyLimitLayer` shares one); here every service from one layer, and every clone,
-//!   always shares the limit, and the limit can be per partition with a global cap. The slot is
-//!   acquired in the response future rather than in `poll_ready`, because the partition is known
-//!   only from the request.
+//!   always shares the limit, and the limit can be per partition with a global cap. A
+//!   per-partition slot is taken in `call` (or waited for in the response future) rather than in
+//!   `poll_ready`, because the partition is known only from the request.
 //! - Errors become [`BoxError`](crate::BoxError) and responses carry a [`ConcurrencyBody`].
 //!
 //! # Example

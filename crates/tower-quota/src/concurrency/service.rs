@@ -19,9 +19,9 @@ use tower::Service;
 /// cap's) as tower's `ConcurrencyLimit` does: it is pending while the limit is full, so
 /// `load_shed` or a `Buffer` in front of it see the back-pressure. With
 /// [`per_partition`](ConcurrencyLimitLayer::per_partition) limits, which slot a request needs
-/// depends on the request, so the service is always ready and the response future waits for the
-/// slot. Either way the inner service is made ready (a clone of it, in the response future) only
-/// once the slot is held.
+/// depends on the request, so the service is always ready: `call` takes a free slot, else the
+/// response future waits for one. Either way the inner service is made ready only once the slot
+/// is held (in `call`, or a clone of it in the response future).
 ///
 /// # Clone
 ///
@@ -91,7 +91,7 @@ where
             }
         };
         ResponseFuture::new(
-            self.inner.clone(),
+            &mut self.inner,
             req,
             super::future::Slot::new(self.shared.clone(), slots),
         )

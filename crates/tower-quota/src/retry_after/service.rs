@@ -10,9 +10,10 @@ use tower::Service;
 
 /// The service [`RetryAfterLayer`] makes. See the [module docs](super).
 ///
-/// It is always ready: the inner service is driven to readiness inside the response future, after
-/// the request has passed its partition's gate, so a request that waits holds nothing of the inner
-/// service (no connection, no concurrency slot) while it waits.
+/// It is always ready: the inner service is asked to be ready only after the request has passed
+/// its partition's gate (at once in `call` when the gate is open, else in the response future,
+/// on a clone), so a request that waits holds nothing of the inner service (no connection, no
+/// concurrency slot) while it waits.
 pub struct RetryAfter<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -54,7 +55,7 @@ where
         // Last before the wire: read the partition a layer above cached, cache nothing.
         let partition = self.shared.ctx.partition_here(&req);
         ResponseFuture::new(
-            self.inner.clone(),
+            &mut self.inner,
             req,
             super::future::Gate::new(self.shared.clone(), partition),
         )
