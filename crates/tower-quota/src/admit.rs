@@ -2,13 +2,16 @@
 //! concurrency limit and the token budget.
 //!
 //! Each of them is "always ready, wait in the future": `call` asks the layer's admission once; a
-//! request admitted at once goes to the inner service from `call` if that is ready (tower's own
-//! layers send from `call` too, and the future then holds only the inner one); a request that
-//! must wait moves into the future with a clone of the inner service, the future waits for the
-//! admission, readies the clone and sends it. Either way the future looks at the answer. Only the
+//! request admitted at once goes to the inner service from `call` if that is ready (as from
+//! tower's own layers; no clone of the inner service is made); a request that must wait moves
+//! into the future with a clone of the inner service, and the future waits for the admission,
+//! readies the clone and sends it. The clone and the request wait in the space the inner future
+//! takes after the call, not in a box: a box made the futures smaller and the stack about 3 %
+//! faster, but cost every waiter one more allocation (a budget waiter 456 bytes beyond its
+//! request, over the 400 it may take). Either way the future looks at the answer. Only the
 //! waiting and the looking differ, so they are what a layer writes ([`Admit`]: plain state, no
-//! tower types); the rest is written once here ([`Admitted`]): the first try, the clone, readiness
-//! after admission, the call, and the answer handed back.
+//! tower types); the rest is written once here ([`Admitted`]): the first try, the clone,
+//! readiness after admission, the call, and the answer handed back.
 
 use crate::BoxError;
 use http::{Request, Response};
@@ -62,9 +65,9 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, F, R> {
-        /// Not admitted yet, or the inner service not ready: a clone of it and the request,
-        /// boxed (a request admitted at once, the usual case, never holds them).
-        Holding { held: Box<(S, Option<R>)> },
+        /// Not admitted yet, or the inner service not ready: a clone of it and the request (a
+        /// request admitted at once, the usual case, never holds them).
+        Holding { svc: S, req: Option<R> },
         Calling { #[pin] fut: F },
         /// Refused at once, or the inner service failed to get ready: said at the first poll.
         Failed { error: Option<BoxError> },
@@ -78,7 +81,7 @@ where
     A: Admit<B>,
 {
     /// Admits `req` at once if it can, and sends it to `svc` if that is ready too: the future
-    /// then holds only the inner future. Else it holds a clone of `svc` (the one polled, if its
+    /// then holds the inner future. Else it holds a clone of `svc` (the one polled, if its
     /// readiness was asked: tower's rule for a service that is not ready) and waits.
     ///
     /// Asking here, with a waker that does nothing, is safe: whatever was asked is asked again by
@@ -86,7 +89,8 @@ where
     pub(crate) fn new(svc: &mut S, req: Request<B>, mut admit: A) -> Self {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let hold = |svc: S, req| State::Holding {
-            held: Box::new((svc, Some(req))),
+            svc,
+            req: Some(req),
         };
         let state = match admit.poll_admit(&mut cx) {
             Poll::Pending => hold(svc.clone(), req),
@@ -126,9 +130,8 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Holding { held } => {
+                StateProj::Holding { svc, req } => {
                     ready!(this.admit.poll_admit(cx))?;
-                    let (svc, req) = &mut **held;
                     ready!(svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("request sent once");
                     let fut = this.admit.send(svc, req);
