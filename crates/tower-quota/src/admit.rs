@@ -99,17 +99,17 @@ where
                 Poll::Ready(Ok(())) => State::Calling {
                     fut: admit.send(svc, req),
                 },
-                Poll::Pending => {
+                not_ready => {
+                    // The service that was asked leaves with the request (to be asked again) or
+                    // goes (it failed); a fresh clone stays for the next request, as when every
+                    // request readied its own.
                     let fresh = svc.clone();
-                    hold(std::mem::replace(svc, fresh), req)
-                }
-                Poll::Ready(Err(e)) => {
-                    // The failed service goes; the next request asks a fresh clone, as it did
-                    // when every request readied its own.
-                    let fresh = svc.clone();
-                    drop(std::mem::replace(svc, fresh));
-                    State::Failed {
-                        error: Some(e.into()),
+                    let asked = std::mem::replace(svc, fresh);
+                    match not_ready {
+                        Poll::Ready(Err(e)) => State::Failed {
+                            error: Some(e.into()),
+                        },
+                        _ => hold(asked, req),
                     }
                 }
             },
